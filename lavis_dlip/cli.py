@@ -1,0 +1,112 @@
+"""What ``lavis_dlip.train`` and ``lavis_dlip.evaluate`` share: LAVIS's train.py and
+evaluate.py (which are not in the wheel), with the plugin registered first,
+config errors reported early, gloo on CPU and the runner taken from ``run.runner``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def parse_args(description: str, argv: Optional[Sequence[str]] = None, checkpoint: bool = False):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to the run yaml")
+    parser.add_argument(
+        "--options", nargs="+",
+        help="override settings of the yaml, as key=value pairs (e.g. run.max_epoch=2 run.device=cpu)",
+    )
+    if checkpoint:
+        parser.add_argument(
+            "--checkpoint",
+            help="weights to evaluate (a runner checkpoint or a state dict); "
+            "same as --options model.finetuned=PATH model.load_finetuned=True",
+        )
+    return parser.parse_args(argv)
+
+
+def setup_seeds(run_cfg) -> None:
+    from lavis.common.dist_utils import get_rank
+
+    seed = int(run_cfg.get("seed", 42)) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def make_job_id() -> str:
+    """Second-resolution job id (LAVIS's ``now()`` has 10-minute resolution, so two runs
+    in one window share an output directory), identical on every rank."""
+    import torch.distributed as dist
+    from lavis.common.dist_utils import is_dist_avail_and_initialized
+
+    job = [time.strftime("%Y%m%d%H%M%S")]
+    if is_dist_avail_and_initialized():
+        dist.broadcast_object_list(job, src=0)
+    return job[0]
+
+
+def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False) -> dict[str, Any]:
+    """Build task, datasets, model and runner from a run yaml; train (or evaluate).
+
+    Returns the runner's test metrics ``{split: {metric: value}}``.
+    """
+    from lavis_dlip.config import load_config
+
+    cfg = load_config(cfg_path, options, evaluate=evaluate)
+    return run_config(cfg, evaluate=evaluate)
+
+
+def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
+    import lavis.tasks as tasks
+    from lavis.common.logger import setup_logger
+    from lavis.common.registry import registry
+
+    from lavis_dlip import compat
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    if evaluate:
+        cfg.run_cfg.evaluate = True
+    compat.init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg.run_cfg)
+    setup_logger()
+    job_id = make_job_id()
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    with tokenizer_source(cfg.model_cfg.get("tokenizer")):
+        model = task.build_model(cfg)
+
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    if evaluate:
+        result = runner.evaluate(skip_reload=True) or {}
+        if hasattr(runner, "_write_metrics"):
+            runner._write_metrics(result)
+    else:
+        result = runner.train() or {}
+    logging.info("output directory: %s", runner.output_dir)
+    return result
+
+
+def main_guard(fn) -> int:
+    """Print configuration and data errors as one clear line, without a traceback."""
+    from lavis_dlip.config import ConfigError
+    from lavis_dlip.datasets.validate import DataError
+    from lavis_dlip.models.tokenizer import TokenizerNotFoundError
+
+    try:
+        fn()
+    except (ConfigError, DataError, TokenizerNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

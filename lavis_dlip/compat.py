@@ -1,0 +1,218 @@
+"""Every workaround lavis_dlip needs for salesforce-lavis 1.0.2, in one place.
+
+Each fix states its one-line reason (with the LAVIS file:line it answers) and is
+active only where needed: on an ordinary CUDA install with network access, only
+the registry-level fixes (tokenizer hook, re-registrable paths) change anything,
+and those keep LAVIS's behaviour when the config does not ask for more.
+
+``apply()`` is idempotent and is called by ``import lavis_dlip`` before LAVIS is
+imported. docs/compat.md lists the same fixes for users.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LAVIS_DLIP_OFFLINE")
+
+
+def is_offline() -> bool:
+    """True when the user told the hub libraries (or us) that there is no network."""
+    return any(os.environ.get(k, "0") not in ("", "0", "false", "False") for k in _OFFLINE_ENV)
+
+
+# --------------------------------------------------------------------------- torchvision
+def fix_torchvision_on_cpu_torch() -> bool:
+    """PyPI's torchvision wheels are CUDA builds: on a CPU torch their C++ ops do not
+    load and ``import torchvision`` raises in torchvision/_meta_registrations.py,
+    which stops ``import lavis`` and ``import timm``. Define the two missing op
+    schemas and import again; BLIP uses none of the compiled ops. Returns True if
+    the fix was needed."""
+    try:
+        import torchvision  # noqa: F401
+
+        return False
+    except RuntimeError as err:
+        if "torchvision::nms does not exist" not in str(err):
+            raise
+    import torch
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define(
+        "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+    )
+    _KEEP_ALIVE.append(lib)
+    import torchvision  # noqa: F401,F811
+
+    logger.debug("torchvision: defined nms/qnms schemas for a CPU torch")
+    return True
+
+
+_KEEP_ALIVE: list = []
+
+
+# --------------------------------------------------------------------------- registry paths
+def register_path(name: str, path: str) -> None:
+    """LAVIS's ``registry.register_path`` raises on a second registration
+    (common/registry.py:236), so a second runner in one process (tests, the demo)
+    fails in RunnerBase.setup_output_dir. Overwrite instead."""
+    from lavis.common.registry import registry
+
+    registry.mapping["paths"][name] = str(path)
+
+
+def fix_cache_root() -> str:
+    """The 1.0.2 wheel's configs/default.yaml sets ``cache_root`` to
+    /export/home/.cache/lavis (LAVIS issues #703, #411). Use ``$LAVIS_DLIP_CACHE_ROOT``
+    when set; otherwise keep LAVIS's value if it is usable, else ~/.cache/lavis."""
+    from lavis.common.registry import registry
+
+    current = registry.get_path("cache_root")
+    wanted = os.environ.get("LAVIS_DLIP_CACHE_ROOT")
+    if not wanted:
+        if _writable_dir(current):
+            return current
+        wanted = str(Path.home() / ".cache" / "lavis")
+    Path(wanted).mkdir(parents=True, exist_ok=True)
+    register_path("cache_root", wanted)
+    logger.debug("cache_root: %s -> %s", current, wanted)
+    return wanted
+
+
+def _writable_dir(path: str) -> bool:
+    p = Path(path)
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return os.access(p, os.W_OK)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def route_blip_tokenizer() -> None:
+    """``BlipBase.init_tokenizer`` hard-codes ``bert-base-uncased`` from the hub
+    (models/blip_models/blip.py:21). Route it through lavis_dlip's resolver, which
+    honours ``model.tokenizer`` and gives a clear error offline; the default is
+    unchanged."""
+    from lavis.models.blip_models.blip import BlipBase
+
+    from lavis_dlip.models.tokenizer import init_blip_tokenizer
+
+    if getattr(BlipBase.init_tokenizer, "_dlip", False):
+        return
+
+    def init_tokenizer(cls):
+        return init_blip_tokenizer()
+
+    init_tokenizer._dlip = True  # type: ignore[attr-defined]
+    BlipBase.init_tokenizer = classmethod(init_tokenizer)
+
+
+# --------------------------------------------------------------------------- single process
+def guard_all_gather_with_grad() -> None:
+    """``negative_all_rank: True`` (LAVIS's COCO retrieval yaml) calls
+    ``torch.distributed.get_world_size()`` without a process group
+    (models/base_model.py:209) and crashes single-process runs: gather nothing there."""
+    import lavis.models.base_model as base_model
+    import lavis.models.blip_models.blip_retrieval as blip_retrieval
+
+    original = base_model.all_gather_with_grad
+    if getattr(original, "_dlip", False):
+        return
+
+    @functools.wraps(original)
+    def all_gather_with_grad(tensors):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return tensors
+        return original(tensors)
+
+    all_gather_with_grad._dlip = True  # type: ignore[attr-defined]
+    base_model.all_gather_with_grad = all_gather_with_grad
+    blip_retrieval.all_gather_with_grad = all_gather_with_grad
+
+
+def init_distributed_mode(run_cfg) -> None:
+    """LAVIS's ``init_distributed_mode`` hard-codes NCCL and ``torch.cuda.set_device``
+    (common/dist_utils.py:72-73), so ``torchrun`` on CPU fails. Same contract (sets
+    ``run_cfg.distributed/rank/world_size/gpu``), with gloo when CUDA is absent."""
+    import torch
+    import torch.distributed as dist
+    from lavis.common.dist_utils import setup_for_distributed
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        run_cfg.distributed = False
+        return
+    run_cfg.rank = int(os.environ["RANK"])
+    run_cfg.world_size = int(os.environ["WORLD_SIZE"])
+    run_cfg.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    run_cfg.distributed = True
+    use_cuda = torch.cuda.is_available() and str(run_cfg.get("device", "cuda")) != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(run_cfg.gpu)
+    run_cfg.dist_backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=run_cfg.dist_backend,
+            init_method=run_cfg.get("dist_url", "env://"),
+            world_size=run_cfg.world_size,
+            rank=run_cfg.rank,
+            timeout=datetime.timedelta(minutes=int(run_cfg.get("dist_timeout_min", 60))),
+        )
+    setup_for_distributed(run_cfg.rank == 0)
+
+
+# --------------------------------------------------------------------------- caption metrics
+def skip_spice_offline() -> None:
+    """pycocoevalcap's ``COCOEvalCap.evaluate`` always runs SPICE, which downloads
+    Stanford CoreNLP on first use (spice/get_stanford_models.py) and so fails offline.
+    When the CoreNLP jar is absent and we are offline, SPICE reports NaN with a
+    warning instead; BLEU, METEOR, ROUGE-L and CIDEr are unaffected."""
+    import pycocoevalcap.eval as coco_eval
+    import pycocoevalcap.spice.spice as spice_mod
+
+    jar = Path(spice_mod.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
+    if jar.exists() or getattr(coco_eval.Spice, "_dlip", False):
+        return
+    original = coco_eval.Spice
+
+    class OfflineSpice(original):  # type: ignore[misc, valid-type]
+        _dlip = True
+
+        def compute_score(self, gts, res):
+            if not is_offline():
+                return super().compute_score(gts, res)
+            logger.warning(
+                "SPICE skipped: Stanford CoreNLP (%s) is missing and downloads are off; "
+                "SPICE is reported as NaN.", jar.name
+            )
+            return float("nan"), [float("nan")] * len(gts)
+
+    coco_eval.Spice = OfflineSpice
+
+
+def apply() -> None:
+    """Apply every fix once. torchvision must be fixed before LAVIS is imported."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    fix_torchvision_on_cpu_torch()
+    import lavis  # noqa: F401  (registers LAVIS's own classes and paths)
+
+    fix_cache_root()
+    route_blip_tokenizer()
+    guard_all_gather_with_grad()
+    skip_spice_offline()
+    _APPLIED = True

