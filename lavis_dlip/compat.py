@@ -75,28 +75,20 @@ def register_path(name: str, path: str) -> None:
 def fix_cache_root() -> str:
     """The 1.0.2 wheel's configs/default.yaml sets ``cache_root`` to
     /export/home/.cache/lavis (LAVIS issues #703, #411). Use ``$LAVIS_DLIP_CACHE_ROOT``
-    when set; otherwise keep LAVIS's value if it is usable, else ~/.cache/lavis."""
+    when set; else keep LAVIS's value if that directory exists and is writable;
+    else ~/.cache/lavis (never create /export on someone's machine)."""
     from lavis.common.registry import registry
 
     current = registry.get_path("cache_root")
     wanted = os.environ.get("LAVIS_DLIP_CACHE_ROOT")
     if not wanted:
-        if _writable_dir(current):
+        if os.path.isdir(current) and os.access(current, os.W_OK):
             return current
         wanted = str(Path.home() / ".cache" / "lavis")
     Path(wanted).mkdir(parents=True, exist_ok=True)
     register_path("cache_root", wanted)
     logger.debug("cache_root: %s -> %s", current, wanted)
     return wanted
-
-
-def _writable_dir(path: str) -> bool:
-    p = Path(path)
-    while not p.exists():
-        if p.parent == p:
-            return False
-        p = p.parent
-    return os.access(p, os.W_OK)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -176,10 +168,10 @@ def init_distributed_mode(run_cfg) -> None:
 
 # --------------------------------------------------------------------------- caption metrics
 def skip_spice_offline() -> None:
-    """pycocoevalcap's ``COCOEvalCap.evaluate`` always runs SPICE, which downloads
-    Stanford CoreNLP on first use (spice/get_stanford_models.py) and so fails offline.
-    When the CoreNLP jar is absent and we are offline, SPICE reports NaN with a
-    warning instead; BLEU, METEOR, ROUGE-L and CIDEr are unaffected."""
+    """pycocoevalcap's ``COCOEvalCap.evaluate`` always builds SPICE, whose constructor
+    downloads Stanford CoreNLP (spice/spice.py:24, get_stanford_models.py) and so
+    fails offline. When the CoreNLP jar is absent and we are offline, SPICE reports
+    NaN with a warning instead; BLEU, METEOR, ROUGE-L and CIDEr are unaffected."""
     import pycocoevalcap.eval as coco_eval
     import pycocoevalcap.spice.spice as spice_mod
 
@@ -191,8 +183,13 @@ def skip_spice_offline() -> None:
     class OfflineSpice(original):  # type: ignore[misc, valid-type]
         _dlip = True
 
+        def __init__(self):
+            self._skip = is_offline() and not jar.exists()
+            if not self._skip:
+                super().__init__()
+
         def compute_score(self, gts, res):
-            if not is_offline():
+            if not self._skip:
                 return super().compute_score(gts, res)
             logger.warning(
                 "SPICE skipped: Stanford CoreNLP (%s) is missing and downloads are off; "

