@@ -102,6 +102,47 @@ class RunnerDlip(RunnerBase):
         return self._wrapped_model
 
     @property
+    def optimizer(self):
+        """AdamW as in LAVIS (no weight decay on biases and norms), plus per-module
+        learning-rate multipliers: ``run.lr_mult: {visual_encoder: 0.2}`` scales the lr
+        of every parameter whose name starts with that prefix (longest prefix wins)."""
+        if self._optimizer is None:
+            run_cfg = self.config.run_cfg
+            mults = dict(run_cfg.get("lr_mult") or {})
+            groups: dict[tuple[float, bool], list] = defaultdict(list)
+            names = [n for n, _ in self.unwrap_dist_model(self.model).named_parameters()]
+            for prefix in mults:
+                if not any(n.startswith(prefix) for n in names):
+                    raise ConfigError(f"run.lr_mult.{prefix}: no model parameter starts with '{prefix}'")
+            for name, param in self.unwrap_dist_model(self.model).named_parameters():
+                if not param.requires_grad:
+                    continue
+                matches = [p for p in mults if name.startswith(p)]
+                mult = float(mults[max(matches, key=len)]) if matches else 1.0
+                no_decay = param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+                groups[(mult, no_decay)].append(param)
+            decay = float(run_cfg.weight_decay)
+            self._optimizer = torch.optim.AdamW(
+                [{"params": ps, "lr_mult": mult, "weight_decay": 0.0 if nd else decay}
+                 for (mult, nd), ps in groups.items()],
+                lr=float(run_cfg.init_lr), weight_decay=decay, betas=(0.9, float(run_cfg.get("beta2", 0.999))),
+            )
+            logger.info("trainable parameters: %d", sum(p.numel() for ps in groups.values() for p in ps))
+        return self._optimizer
+
+    @property
+    def lr(self) -> float:
+        """The scheduled (unscaled) learning rate."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / (group.get("lr_mult") or 1.0)
+
+    def _step_lr(self, epoch: int, step: int) -> None:
+        """LAVIS's schedulers set one lr on every group; apply the multipliers after."""
+        self.lr_scheduler.step(cur_epoch=epoch, cur_step=step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_mult", 1.0)
+
+    @property
     def use_amp(self) -> bool:
         return bool(self.config.run_cfg.get("amp", False)) and self.device.type == "cuda"
 
@@ -248,7 +289,7 @@ class RunnerDlip(RunnerBase):
         for i, samples in enumerate(loader):
             samples = self._to_device(samples)
             samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
-            self.lr_scheduler.step(cur_epoch=epoch, cur_step=i)
+            self._step_lr(epoch, i)
             with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
                 loss, terms = self.train_step(model, samples)
             scaled = loss / accum
@@ -268,13 +309,13 @@ class RunnerDlip(RunnerBase):
             bar.update(1)
             bar.set_postfix(
                 {k: f"{v / (i + 1):.3f}" for k, v in sums.items()}
-                | {"lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                | {"lr": f"{self.lr:.2e}",
                    "samples/s": f"{seen * get_world_size() / max(time.time() - t0, 1e-9):.1f}"},
                 refresh=False,
             )
         bar.close()
         averages = self._average_across_processes(sums, n_iters)
-        averages["lr"] = self.optimizer.param_groups[0]["lr"]
+        averages["lr"] = self.lr
         averages["samples_per_s"] = seen * get_world_size() / max(time.time() - t0, 1e-9)
         logger.info("epoch %d: %s", epoch, averages)
         return {k: f"{v:.4f}" for k, v in averages.items()}
@@ -346,11 +387,14 @@ class RunnerDlip(RunnerBase):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, cur_epoch: int, is_best: bool = False) -> None:
-        rng = [None] * get_world_size()
-        if is_dist_avail_and_initialized():
-            dist.all_gather_object(rng, ckpt.rng_state())
-        else:
+        """``checkpoint_best.pth`` (main process only, for evaluation) or, on every
+        process, ``checkpoint_latest.pth`` with all processes' RNG states (for resume)."""
+        rng = None
+        if not is_best:
             rng = [ckpt.rng_state()]
+            if is_dist_avail_and_initialized():
+                rng = [None] * get_world_size()
+                dist.all_gather_object(rng, ckpt.rng_state())
         if not is_main_process():
             return
         state = {
