@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lavis_dlip tests benchmarks
+	$(VENV)/bin/ruff check lavis_dlip tests
 
 clean:
 	rm -rf output .pytest_cache

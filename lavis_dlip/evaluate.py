@@ -1,4 +1,6 @@
-"""Evaluate with LAVIS and the plugin: ``python -m lavis_dlip.evaluate --cfg-path CFG [--checkpoint PATH] [--options ...]``.
+"""Evaluate with LAVIS and the plugin.
+
+``python -m lavis_dlip.evaluate --cfg-path CFG [--checkpoint PATH] [--options ...]``
 
 Mirrors LAVIS's evaluate.py, except that it honours ``run.runner`` (LAVIS always
 uses RunnerBase) and takes ``--checkpoint`` as a shortcut for

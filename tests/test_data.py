@@ -43,7 +43,8 @@ def test_demo_data_formats(demo_test_data):
     ids = {int(r["image"].split("_")[-1][:-4]) for r in load("caption_test.json")}
     assert ids == {img["id"] for img in gt["images"]}
     vqa = load("vqa_test.json")
-    assert {q["question_id"] for q in vqa} == {a["question_id"] for a in load("vqa_test_annotations.json")["annotations"]}
+    annotations = load("vqa_test_annotations.json")["annotations"]
+    assert {q["question_id"] for q in vqa} == {a["question_id"] for a in annotations}
     answers = set(load("vqa_answer_list.json"))
     assert all(r["answer"][0] in answers for r in load("vqa_train.json"))
 
@@ -139,7 +140,8 @@ def test_missing_file_and_unreadable_image(tmp_path, demo_test_data):
     _copy_retrieval(demo_test_data, tmp_path / "data")
     info = _retrieval_info()
     info["annotations"]["val"]["storage"] = "../data/nope.json"
-    with pytest.raises(DataError, match=r"datasets.dlip_local_retrieval.build_info.annotations.val.storage: file not found: .*nope.json"):
+    key = "datasets.dlip_local_retrieval.build_info.annotations.val.storage"
+    with pytest.raises(DataError, match=rf"{key}: file not found: .*nope.json"):
         _build(_local_cfg(tmp_path, "dlip_local_retrieval", info))
 
     images = tmp_path / "imgs" / "train"

@@ -16,10 +16,17 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
 # Keys every DLIP model accepts besides its own; LAVIS's loader keys included.
 COMMON_KEYS = (
     "arch", "model_type", "tokenizer", "vision", "text", "decoder",
-    "load_finetuned", "load_pretrained", "finetuned", "pretrained", "max_txt_len",
+    "load_finetuned", "load_pretrained", "finetuned", "pretrained", "max_txt_len", "init",
 )
 
+PRESETS = ("base", "small", "tiny", "test")
+
 logger = logging.getLogger(__name__)
+
+
+def preset_files(arch: str) -> dict[str, str]:
+    """Model type -> preset yaml (in lavis_dlip/configs/models), LAVIS's convention."""
+    return {name: f"{arch}_{name}.yaml" for name in PRESETS}
 
 
 class DlipModelMixin:
@@ -41,6 +48,15 @@ class DlipModelMixin:
     @classmethod
     def check_config(cls, cfg: Mapping[str, Any]) -> None:
         check_keys(cfg, COMMON_KEYS + cls.MODEL_KEYS, "model")
+
+    def initialize(self, cfg: Mapping[str, Any]):
+        """Module-wise init (``model.init``, see lavis_dlip.models.init), then the
+        checkpoint named by ``finetuned``/``pretrained``, which overrides it."""
+        from lavis_dlip.models.init import apply_init
+
+        self.init_report = apply_init(self, cfg.get("init"))
+        self.load_checkpoint_from_config(cfg)
+        return self.init_report
 
     def load_checkpoint_from_config(self, cfg: Mapping[str, Any], **kwargs) -> None:
         """LAVIS's version asserts a path exists; a DLIP model without one stays as

@@ -50,6 +50,9 @@ DECODER_DEFAULTS: dict[str, Any] = {
     "intermediate_size": None,
     "layers": 12,
     "dropout": 0.1,
+    # BLIP pre-training ties the decoder to the text encoder except self-attention
+    # (dlip_pretrain only; needs identical shapes).
+    "share": False,
 }
 
 

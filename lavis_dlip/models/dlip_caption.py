@@ -6,14 +6,14 @@ from __future__ import annotations
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_caption import BlipCaption
 
-from lavis_dlip.models.base import DlipModelMixin
+from lavis_dlip.models.base import DlipModelMixin, preset_files
 from lavis_dlip.models.components import build_text_decoder, build_vision_encoder
 from lavis_dlip.models.tokenizer import tokenizer_source
 
 
 @registry.register_model("dlip_caption")
 class DlipCaption(DlipModelMixin, BlipCaption):
-    PRETRAINED_MODEL_CONFIG_DICT = {"test": "dlip_caption_test.yaml"}
+    PRETRAINED_MODEL_CONFIG_DICT = preset_files("dlip_caption")
     MODEL_KEYS = ("prompt",)
 
     @classmethod
@@ -27,5 +27,5 @@ class DlipCaption(DlipModelMixin, BlipCaption):
                 prompt=cfg.get("prompt", "a picture of "),
                 max_txt_len=cfg.get("max_txt_len", 40),
             )
-        model.load_checkpoint_from_config(cfg)
+        model.initialize(cfg)
         return model

