@@ -22,7 +22,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lavis_dlip tests
+	$(VENV)/bin/ruff check lavis_dlip tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf output .pytest_cache

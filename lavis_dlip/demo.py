@@ -22,7 +22,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "dlip" / "demo"
 
 # (config, what to show, metric keys)
 TASKS = {
-    "retrieval": ("Retrieval R@1/5/10 text | image",
+    "retrieval": ("Retrieval R@1/5/10, text then image",
                   ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]),
     "caption": ("Caption BLEU-4 / METEOR / ROUGE-L / CIDEr", ["Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]),
     "vqa": ("VQA accuracy", ["agg_metrics"]),

@@ -12,6 +12,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    proc = subprocess.run([ruff, "check", "lavis_dlip", "tests"], cwd=REPO,
+    proc = subprocess.run([ruff, "check", "lavis_dlip", "tests", "benchmarks"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -13,13 +13,14 @@ def test_import_registers_every_class():
     import lavis_dlip
     from lavis.common.registry import registry
 
-    from lavis_dlip.models import DlipCaption, DlipRetrieval, DlipVQA
+    from lavis_dlip.models import DlipCaption, DlipPretrain, DlipRetrieval, DlipVQA
     from lavis_dlip.runners import RunnerDlip
     from lavis_dlip.tasks import DlipCaptionTask
 
     assert registry.get_model_class("dlip_retrieval") is DlipRetrieval
     assert registry.get_model_class("dlip_caption") is DlipCaption
     assert registry.get_model_class("dlip_vqa") is DlipVQA
+    assert registry.get_model_class("dlip_pretrain") is DlipPretrain
     assert registry.get_runner_class("runner_dlip") is RunnerDlip
     assert registry.get_task_class("dlip_captioning") is DlipCaptionTask
     for name in ("dlip_local_pairs", "dlip_local_retrieval", "dlip_local_caption", "dlip_local_vqa"):
@@ -33,7 +34,8 @@ def test_model_zoo_lists_plugin_models():
     import lavis_dlip  # noqa: F401
     from lavis.models import model_zoo
 
-    assert model_zoo.model_zoo["dlip_retrieval"] == ["test"]
+    assert model_zoo.model_zoo["dlip_retrieval"] == ["base", "small", "tiny", "test"]
+    assert model_zoo.model_zoo["dlip_pretrain"] == ["base", "small", "tiny", "test"]
     assert "dlip_caption" in str(model_zoo)
     assert "blip_retrieval" in model_zoo.model_zoo
 

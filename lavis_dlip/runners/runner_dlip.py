@@ -121,7 +121,7 @@ class RunnerDlip(RunnerBase):
                 mult = float(mults[max(matches, key=len)]) if matches else 1.0
                 no_decay = param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
                 groups[(mult, no_decay)].append(param)
-            decay = float(run_cfg.weight_decay)
+            decay = float(run_cfg.get("weight_decay", 0.05))
             self._optimizer = torch.optim.AdamW(
                 [{"params": ps, "lr_mult": mult, "weight_decay": 0.0 if nd else decay}
                  for (mult, nd), ps in groups.items()],

