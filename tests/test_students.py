@@ -64,7 +64,8 @@ def test_preset_trains_and_runs_its_task(arch, preset):
     if arch == "dlip_vqa":
         samples = {"image": samples["image"], "text_input": ["what color is it?", "how many?"],
                    "answer": ["red", "blue", "2"], "weight": torch.tensor([1.0, 0.5, 0.5]),
-                   "n_answers": torch.tensor([1, 2]), **{k: samples[k] for k in ("epoch", "iters", "num_iters_per_epoch")}}
+                   "n_answers": torch.tensor([1, 2]),
+                   **{k: samples[k] for k in ("epoch", "iters", "num_iters_per_epoch")}}
     out = model(samples)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     out.loss.backward()
