@@ -71,6 +71,8 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
         else:
             cfg.image_size = image_size
     cfg.pop("init", None)
+    if tokenizer:  # --tokenizer wins over a preset's own (costs do not depend on the vocabulary file)
+        cfg.tokenizer = tokenizer
     with _no_checkpoints(), tokenizer_source(tokenizer):
         model = cls.from_config(cfg)
     return model.eval()

@@ -147,3 +147,20 @@ def test_report_builds_lavis_blip_without_weights():
     teacher = build_any("blip_retrieval:coco", 64, OFFLINE_VOCAB)
     params = count_params(teacher)
     assert 220e6 < params["total"] < 228e6 and params["fusion"] > 0
+    tiny = build_any("dlip_retrieval:tiny", 64, OFFLINE_VOCAB)  # preset names bert-base-uncased; --tokenizer wins
+    assert len(tiny.tokenizer) == 30524
+
+
+def test_tiny_preset_meets_the_paper_headline_in_params_and_flops():
+    """At BLIP's 384 px: at most 22.4% of BLIP-base's parameters and 24.8% of its FLOPs."""
+    from lavis_dlip.report import Workloads, count_params
+    from lavis_dlip.report import build as build_any
+
+    costs = []
+    for spec in ("blip_retrieval:coco", "dlip_retrieval:tiny"):
+        model = build_any(spec, None, OFFLINE_VOCAB)
+        with torch.inference_mode():
+            flops = Workloads(model, 384, 35, 16, 1, "cpu").module_flops()["total"]
+        costs.append((count_params(model)["total"], flops))
+    (p_ref, f_ref), (p_tiny, f_tiny) = costs
+    assert p_tiny / p_ref <= 0.224 and f_tiny / f_ref <= 0.248
