@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -126,11 +126,4 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
         ds = cfg.datasets_cfg[name]
         if ds.get("base_dir") is None:
             ds.base_dir = base_dir
-    return cfg
-
-
-def to_container(cfg: Any) -> Any:
-    """Plain python containers from OmegaConf nodes (pass-through for the rest)."""
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
     return cfg
