@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _APPLIED = False
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LAVIS_DLIP_OFFLINE")
+_KEEP_ALIVE: list = []  # torch.library fragments must outlive the call that made them
 
 
 def is_offline() -> bool:
@@ -58,8 +59,6 @@ def fix_torchvision_on_cpu_torch() -> bool:
     logger.debug("torchvision: defined nms/qnms schemas for a CPU torch")
     return True
 
-
-_KEEP_ALIVE: list = []
 
 
 # --------------------------------------------------------------------------- registry paths
