@@ -35,16 +35,17 @@ def _fmt(metrics: dict, keys: list[str]) -> str:
 
 
 def _count_params(cfg_path: Path) -> int:
+    """Parameters used at inference (the report's count: no momentum copies or queues)."""
     import lavis.tasks as tasks
 
     from lavis_dlip.config import load_config
     from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.report import count_params
 
     cfg = load_config(str(cfg_path))
     with tokenizer_source(cfg.model_cfg.get("tokenizer")):
         model = tasks.setup_task(cfg).build_model(cfg)
-    skip = ("_m.", "queue")  # momentum copies and queues are not used at inference
-    return sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in skip))
+    return count_params(model)["total"]
 
 
 def run_demo(tasks: Sequence[str], output_dir: str, options: Sequence[str] = ()) -> list[dict]:

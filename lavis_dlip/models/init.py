@@ -177,7 +177,7 @@ def select_layers(spec: Any, n_student: int, n_source: int, where: str) -> list[
     """Source layer index for each student layer."""
     if n_student == 0:
         return []
-    if isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") and not isinstance(spec, str):
+    if spec is not None and not isinstance(spec, str) and hasattr(spec, "__iter__"):  # list or ListConfig
         chosen = [int(i) for i in spec]
         if len(chosen) != n_student:
             raise ConfigError(f"{where}.layers lists {len(chosen)} layers, the student has {n_student}")
@@ -192,9 +192,9 @@ def select_layers(spec: Any, n_student: int, n_source: int, where: str) -> list[
     else:
         raise ConfigError(f"{where}.layers must be first, last, uniform or a list of indices, got '{spec}'")
     bad = [i for i in chosen if not 0 <= i < n_source]
-    if bad or n_student > n_source and spec not in (None,) and not isinstance(spec, (list, tuple)):
+    if bad:
         raise ConfigError(
-            f"{where}.layers: index {bad[0] if bad else n_source} out of range: the source has "
+            f"{where}.layers: index {bad[0]} out of range: the source has "
             f"{n_source} layers (0..{n_source - 1}), the student {n_student}"
         )
     return chosen
