@@ -93,9 +93,27 @@ def validate(raw, cfg_path: str, evaluate: bool = False) -> None:
         raise ConfigError(
             f"{where} run.lr_sched '{run.lr_sched}' is not a registered scheduler.{_suggest(run.lr_sched, scheds)}"
         )
+    if str(run.task).startswith("dlip_distill") or raw.get("distill") is not None:
+        _validate_distill(raw.get("distill"), run.task, where, os.path.dirname(os.path.abspath(cfg_path)))
     device = str(run.get("device", "auto"))
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ConfigError(f"{where} run.device '{device}' must be one of {', '.join(DEVICES)}")
+
+
+def _validate_distill(distill, task: str, where: str, base_dir: str) -> None:
+    from lavis_dlip.distill import validate_terms
+    from lavis_dlip.distill.teacher import teacher_model_config
+
+    if distill is None:
+        raise ConfigError(f"{where} run.task '{task}' needs a top-level 'distill' section with teacher and terms")
+    check_keys(distill, ("teacher", "terms", "base_dir"), "distill")
+    if distill.get("teacher") is None:
+        raise ConfigError(f"{where} missing key 'distill.teacher'")
+    try:
+        teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
+        validate_terms(distill.get("terms"))
+    except ConfigError as err:
+        raise ConfigError(f"{where} {err}") from None
 
 
 def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False):
@@ -122,6 +140,10 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
 
     cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=opts))
     base_dir = os.path.dirname(os.path.abspath(cfg_path))
+    if raw.get("distill") is not None:  # LAVIS's Config keeps only model, datasets and run
+        cfg.config.distill = raw.distill
+        if cfg.config.distill.get("base_dir") is None:
+            cfg.config.distill.base_dir = base_dir
     for name in cfg.datasets_cfg:
         ds = cfg.datasets_cfg[name]
         if ds.get("base_dir") is None:

@@ -81,6 +81,7 @@ class DlipModelMixin:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
         own = self.state_dict()
+        state_dict = _drop_absent_modules(state_dict, own, url_or_filename)
         mismatched = [
             f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
             for k, v in state_dict.items()
@@ -97,3 +98,19 @@ class DlipModelMixin:
             raise RuntimeError("\n".join(lines))
         self.load_state_dict(state_dict, strict=True)
         logger.info("loaded checkpoint %s", url_or_filename)
+
+
+def _drop_absent_modules(state_dict: dict, own: dict, name: str) -> dict:
+    """Keys of whole modules this model does not have (a pre-training checkpoint's
+    decoder in a retrieval model, the distillation projections ``dlip_distill``)
+    are dropped with a log line; every module the model has must match exactly."""
+    present = {k.split(".", 1)[0] for k in own}
+    dropped = sorted({k.split(".", 1)[0] for k in state_dict} - present)
+    if dropped:
+        logger.info("%s: ignoring modules this model does not have: %s", name, ", ".join(dropped))
+    kept = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in present}
+    # Queues are training state of one task's model (BLIP pre-training -> retrieval changes them): keep ours.
+    queues = [k for k in own if k.endswith("queue") or k == "queue_ptr"]
+    if any(k not in kept or kept[k].shape != own[k].shape for k in queues):
+        kept.update({k: own[k] for k in queues})
+    return kept

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_pretrain import BlipPretrain
+from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
 from lavis_dlip.config import ConfigError
 from lavis_dlip.models.base import DlipModelMixin, preset_files
@@ -56,3 +57,7 @@ class DlipPretrain(DlipModelMixin, BlipPretrain):
         model.temp.data.fill_(float(cfg.get("temp", 0.07)))
         model.initialize(cfg)
         return model
+
+    # Zero-shot retrieval (ITC top-k re-ranked by ITM), as BLIP evaluates a pre-trained model:
+    # LAVIS's retrieval scoring needs only modules a pre-training model has.
+    compute_sim_matrix = BlipRetrieval.compute_sim_matrix

@@ -91,6 +91,9 @@ class RunnerDlip(RunnerBase):
     def model(self):
         if self._wrapped_model is None:
             self._model = self._model.to(self.device)
+            teacher = getattr(self.task, "teacher", None)  # distillation: frozen, outside DDP and the optimizer
+            if teacher is not None:
+                teacher.to(self.device)
             if self.use_distributed:
                 self._wrapped_model = DDP(
                     self._model,

@@ -1,0 +1,222 @@
+"""Forward hooks that record what a BLIP model computes, without editing LAVIS.
+
+A BLIP model runs its BERT several times per step (unimodal text, fused positive
+pairs, fused negative pairs; the decoder once), so hooks record *calls*: each call
+keeps its token ids, padding mask, the image embeddings it attended to, its last
+hidden state, and only those per-layer tensors that some loss term asked for.
+
+Streams and their layers:
+
+* ``vision``: ``visual_encoder.blocks[i]`` (``hidden``, ``attn``);
+* ``text``: the layers that run in ``mode="text"`` (``hidden``, ``attn``);
+* ``fusion``: the layers with cross-attention, in the first fused call, i.e. the
+  positive pairs (``hidden``, ``attn``, ``cross``);
+* ``decoder``: ``text_decoder.bert`` layers (``hidden``, ``attn``, ``cross``).
+
+Attention maps are the inputs of the attention-dropout modules (post-softmax
+probabilities): ``register_hook`` on tensors would fail under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+STREAMS = ("vision", "text", "fusion", "decoder")
+KINDS = {"vision": ("hidden", "attn"), "text": ("hidden", "attn"),
+         "fusion": ("hidden", "attn", "cross"), "decoder": ("hidden", "attn", "cross")}
+
+# (stream, kind, layer index within the stream)
+Point = tuple[str, str, int]
+
+
+@dataclass
+class Call:
+    """One run of a BERT (text encoder or decoder)."""
+
+    stream: str
+    input_ids: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None  # 1 = token, 0 = padding
+    encoder_hidden_states: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    output: Optional[torch.Tensor] = None  # last hidden state
+    logits: Optional[torch.Tensor] = None  # decoder only
+    layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Records:
+    """Everything one forward pass left behind."""
+
+    image: Optional[torch.Tensor] = None
+    vision_layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+
+    def find(self, stream: str, nth: int = 0) -> Optional[Call]:
+        matches = [c for c in self.calls if c.stream == stream]
+        return matches[nth] if len(matches) > nth else None
+
+
+def _bert(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The BertModel of ``text_encoder`` or ``text_decoder`` (an LM head model wraps it)."""
+    module = getattr(model, name, None)
+    if module is None:
+        return None
+    return getattr(module, "bert", module)
+
+
+def stream_layers(model: nn.Module, stream: str) -> list[nn.Module]:
+    """The layer modules of one stream, in order (empty if the model has none)."""
+    if stream == "vision":
+        return list(model.visual_encoder.blocks)
+    if stream == "decoder":
+        bert = _bert(model, "text_decoder")
+        return list(bert.encoder.layer) if bert is not None else []
+    bert = _bert(model, "text_encoder")
+    if bert is None:
+        return []
+    layers = list(bert.encoder.layer)
+    fused = [layer for layer in layers if hasattr(layer, "crossattention")]
+    if stream == "fusion":
+        return fused
+    text_end = getattr(bert.config, "fusion_layer", len(layers))  # med.py: mode="text" stops here
+    return layers[:text_end]
+
+
+def stream_width(model: nn.Module, stream: str) -> int:
+    if stream == "vision":
+        return int(model.visual_encoder.embed_dim)
+    return int(_bert(model, "text_decoder" if stream == "decoder" else "text_encoder").config.hidden_size)
+
+
+def _kwarg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class Capture:
+    """Context manager: ``with Capture(model, points) as rec: model(samples)``.
+
+    ``points`` lists the per-layer tensors to keep; image embeddings, every BERT
+    call's inputs and outputs, and decoder logits are always kept (they are cheap
+    references to tensors the forward made anyway).
+    """
+
+    def __init__(self, model: nn.Module, points: Iterable[Point] = ()):
+        self.model = model
+        self.points = set(points)
+        self.records = Records()
+        self._handles: list = []
+
+    # -- hook helpers
+    def _current(self, stream: str) -> Optional[Call]:
+        calls = self.records.calls
+        return calls[-1] if calls and calls[-1].stream == stream else None
+
+    def _keep(self, stream: str, kind: str, index: int, tensor: torch.Tensor) -> None:
+        if (stream, kind, index) not in self.points:
+            return
+        if stream == "vision":
+            self.records.vision_layers[(kind, index)] = tensor
+            return
+        call = self._current(stream)
+        if call is not None and (kind, index) not in call.layers:  # first call of its stream only
+            if stream != "fusion" or self.records.find("fusion") is call:
+                call.layers[(kind, index)] = tensor
+
+    def _hook_layers(self, stream: str, layers: list[nn.Module]) -> None:
+        for index, layer in enumerate(layers):
+            if layer is None:
+                continue
+
+            def keep(kind, i=index):
+                return lambda _m, args, out=None: self._keep(stream, kind, i, args[0])
+
+            if stream == "vision":
+                self._handles.append(layer.register_forward_hook(
+                    lambda _m, _a, out, i=index: self._keep("vision", "hidden", i, out)))
+                self._handles.append(layer.attn.attn_drop.register_forward_pre_hook(keep("attn")))
+                continue
+            self._handles.append(layer.register_forward_hook(
+                lambda _m, _a, out, i=index: self._keep(stream, "hidden", i, out[0])))
+            self._handles.append(layer.attention.self.dropout.register_forward_pre_hook(keep("attn")))
+            if hasattr(layer, "crossattention"):
+                self._handles.append(layer.crossattention.self.dropout.register_forward_pre_hook(keep("cross")))
+
+    def _hook_text_encoder(self, bert: nn.Module) -> None:
+        """A call starts at the embeddings (they see the token ids) and is typed at
+        the encoder (it sees ``mode`` and ``encoder_hidden_states``)."""
+        calls = self.records.calls
+
+        def on_embeddings(_m, _args, kwargs):
+            calls.append(Call(stream="text", input_ids=kwargs.get("input_ids")))
+
+        def on_encoder(_m, _args, kwargs):
+            if not calls or calls[-1].output is not None or calls[-1].stream == "decoder":
+                calls.append(Call(stream="fusion"))  # mode="fusion" starts from given embeddings
+            call = calls[-1]
+            ehs = kwargs.get("encoder_hidden_states")
+            call.stream = "text" if kwargs.get("mode") == "text" or ehs is None else "fusion"
+            call.encoder_hidden_states = ehs
+            ext = kwargs.get("attention_mask")  # med.py: (1 - mask) * -10000, [B, 1, 1, L]
+            if ext is not None:
+                call.attention_mask = (ext[:, 0, -1, :] == 0).long()
+
+        def on_encoder_out(_m, _args, out):
+            if calls and calls[-1].stream != "decoder" and calls[-1].output is None:
+                calls[-1].output = out[0]
+
+        self._handles.append(bert.embeddings.register_forward_pre_hook(on_embeddings, with_kwargs=True))
+        self._handles.append(bert.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True))
+        self._handles.append(bert.encoder.register_forward_hook(on_encoder_out))
+
+    def _hook_decoder(self, decoder: nn.Module) -> None:
+        def on_call(_m, args, kwargs):
+            self.records.calls.append(Call(
+                stream="decoder",
+                input_ids=_kwarg(args, kwargs, "input_ids", 0),
+                attention_mask=_kwarg(args, kwargs, "attention_mask", 1),
+                encoder_hidden_states=kwargs.get("encoder_hidden_states"),
+                labels=kwargs.get("labels"),
+            ))
+
+        def on_out(_m, _args, out):
+            call = self._current("decoder")
+            if call is not None and call.logits is None:
+                call.logits = out if torch.is_tensor(out) else out.logits
+
+        def on_hidden(_m, _args, out):
+            call = self._current("decoder")
+            if call is not None and call.output is None:
+                call.output = out[0]
+
+        self._handles.append(decoder.register_forward_pre_hook(on_call, with_kwargs=True))
+        self._handles.append(decoder.register_forward_hook(on_out))
+        self._handles.append(decoder.bert.encoder.register_forward_hook(on_hidden))
+
+    # -- context manager
+    def __enter__(self) -> Records:
+        model = self.model
+        if hasattr(model, "visual_encoder"):
+            self._handles.append(model.visual_encoder.norm.register_forward_hook(
+                lambda _m, _a, out: setattr(self.records, "image", out)))
+        wanted = {(s, i) for s, _k, i in self.points}
+        for stream in STREAMS:
+            layers = stream_layers(model, stream)
+            # hook only layers some point asks for
+            self._hook_layers(stream, [layer if (stream, i) in wanted else None for i, layer in enumerate(layers)])
+        text = _bert(model, "text_encoder")
+        if text is not None:
+            self._hook_text_encoder(text)
+        if getattr(model, "text_decoder", None) is not None:
+            self._hook_decoder(model.text_decoder)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,368 @@
+"""Loss terms, declared in yaml (``distill.terms``), each a small registered module.
+
+    distill:
+      terms:
+        - {name: itc, weight: 1.0}                        # the student's own losses
+        - {name: itm, weight: 1.0}
+        - {name: itc_kd, weight: 1.0, temperature: 1.0}
+        - {name: hidden, stream: vision, layers: uniform, loss: mse, weight: 1.0}
+        - {name: attention, stream: fusion, kind: cross, heads: mean, weight: 1.0}
+
+A term sees the student's and the teacher's :class:`BlipOutputs` and returns a
+scalar; the step loss is the weighted sum and every term is logged as
+``loss_<key>``. Terms that compare features of different widths own a learned
+linear projection (student width -> teacher width), trained with the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavis_dlip.config import ConfigError, check_keys
+from lavis_dlip.distill.capture import KINDS, STREAMS, Point, stream_layers, stream_width
+from lavis_dlip.distill.outputs import BlipOutputs
+
+TERMS: dict[str, type[LossTerm]] = {}
+COMMON = ("name", "weight", "key")
+
+
+def register_term(name: str) -> Callable[[type], type]:
+    def wrap(cls):
+        cls.NAME = name
+        TERMS[name] = cls
+        return cls
+    return wrap
+
+
+# ---------------------------------------------------------------- math
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher || student) of softmax(logits / T) over the last dim, times T^2
+    (Hinton et al.), averaged over the rows that ``mask`` keeps."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t
+    return _masked_mean(kl, mask)
+
+
+def prob_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
+            eps: float = 1e-12) -> torch.Tensor:
+    """KL(teacher || student) of given distributions (attention maps) over the last dim."""
+    kl = (teacher_probs * (teacher_probs.clamp_min(eps).log() - student_probs.clamp_min(eps).log())).sum(-1)
+    return _masked_mean(kl, mask)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token MSE (mean over channels) or 1 - cosine, averaged over kept tokens."""
+    if kind == "mse":
+        per_token = (student - teacher).pow(2).mean(-1)
+    else:
+        per_token = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype).expand_as(values)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ---------------------------------------------------------------- terms
+class LossTerm(nn.Module):
+    """One weighted term. Subclasses declare their yaml keys, the passes they need
+    (``needs``) and the per-layer points they read (``points``)."""
+
+    NAME = ""
+    KEYS: tuple[str, ...] = ()
+    needs: frozenset = frozenset()
+    teacher_free = False  # True: computed from the student alone
+
+    def __init__(self, cfg: Mapping[str, Any], student: nn.Module, teacher: nn.Module, where: str):
+        super().__init__()
+        check_keys(cfg, COMMON + self.KEYS, where)
+        self.where = where
+        self.weight = _number(cfg.get("weight", 1.0), f"{where}.weight")
+        self.key = str(cfg.get("key") or self.default_key(cfg))
+
+    def default_key(self, cfg: Mapping[str, Any]) -> str:
+        return self.NAME
+
+    def student_points(self) -> set[Point]:
+        return set()
+
+    def teacher_points(self) -> set[Point]:
+        return set()
+
+    def forward(self, s: BlipOutputs, t: Optional[BlipOutputs]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _number(value: Any, where: str, positive: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if number < 0 or (positive and number == 0):
+        raise ConfigError(f"{where}: must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return number
+
+
+def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str, where: str) -> str:
+    value = str(cfg.get(key, default))
+    if value not in choices:
+        raise ConfigError(f"{where}.{key}: '{value}' is not one of {', '.join(choices)}")
+    return value
+
+
+class _ModelLoss(LossTerm):
+    """The student's own loss, as its LAVIS forward computes it."""
+
+    teacher_free = True
+    OUTPUT = ""
+
+    def forward(self, s, t=None):
+        return s.model_loss(self.OUTPUT)
+
+
+@register_term("itc")
+class ITCLoss(_ModelLoss):
+    OUTPUT = "loss_itc"
+
+
+@register_term("itm")
+class ITMLoss(_ModelLoss):
+    OUTPUT = "loss_itm"
+
+
+@register_term("lm")
+class LMLoss(_ModelLoss):
+    OUTPUT = "loss_lm"
+
+
+@register_term("itc_kd")
+class ITCDistill(LossTerm):
+    """KL between the teacher's and the student's in-batch image-to-text and
+    text-to-image similarity distributions (each model's own logit scale)."""
+
+    KEYS = ("temperature",)
+    needs = frozenset({"text"})
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
+
+    def forward(self, s, t):
+        ls, lt = s.itc_logits, t.itc_logits
+        return 0.5 * (soft_kl(ls, lt, self.temperature) + soft_kl(ls.t(), lt.t(), self.temperature))
+
+
+@register_term("itm_kd")
+class ITMDistill(LossTerm):
+    """KL on the 2-way ITM logits, on the student's positive and (``pairs: all``)
+    hard-negative pairs, which the teacher scores too."""
+
+    KEYS = ("temperature", "pairs")
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
+        self.pairs = _choice(cfg, "pairs", ("all", "positives"), "all", where)
+        self.needs = frozenset({"fusion", "fusion_neg"} if self.pairs == "all" else {"fusion"})
+
+    def forward(self, s, t):
+        return soft_kl(s.itm_logits(self.pairs), t.itm_logits(self.pairs), self.temperature)
+
+
+@register_term("lm_kd")
+class LMDistill(LossTerm):
+    """Token-level KL on the decoder's next-token logits; padding (and prompt)
+    positions, which the student's labels mark -100, are ignored."""
+
+    KEYS = ("temperature",)
+    needs = frozenset({"decoder"})
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
+
+    def forward(self, s, t):
+        (ls, mask), (lt, _) = s.lm_logits(), t.lm_logits()
+        return soft_kl(ls, lt, self.temperature, mask)
+
+
+def _projection(s_width: int, t_width: int, always: bool) -> nn.Module:
+    return nn.Linear(s_width, t_width) if always or s_width != t_width else nn.Identity()
+
+
+EMBED_TARGETS = {
+    # target: (needs, student width, teacher width, features)
+    "image_feat": ({"text"}, lambda m: m.vision_proj.out_features, lambda o: o.image_feat),
+    "text_feat": ({"text"}, lambda m: m.text_proj.out_features, lambda o: o.text_feat),
+    "itm_cls": ({"fusion"}, lambda m: stream_width(m, "fusion"), lambda o: o.fusion_cls),
+    "decoder_cls": ({"decoder"}, lambda m: stream_width(m, "decoder"), lambda o: o.decoder_cls),
+}
+
+
+@register_term("embed")
+class EmbeddingDistill(LossTerm):
+    """Aligns single vectors per sample: projected ITC features (``image_feat``,
+    ``text_feat``), the ITM [CLS] (``itm_cls``) and the decoder [CLS] (``decoder_cls``)."""
+
+    KEYS = ("targets", "loss", "project")
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        targets = list(cfg.get("targets") or ["image_feat", "text_feat"])
+        for target in targets:
+            if target not in EMBED_TARGETS:
+                raise ConfigError(f"{where}.targets: '{target}' is not one of {', '.join(EMBED_TARGETS)}")
+        self.targets = targets
+        self.loss = _choice(cfg, "loss", ("mse", "cosine"), "mse", where)
+        self.needs = frozenset().union(*(EMBED_TARGETS[x][0] for x in targets))
+        self.proj = nn.ModuleDict({
+            x: _projection(EMBED_TARGETS[x][1](student), EMBED_TARGETS[x][1](teacher), bool(cfg.get("project")))
+            for x in targets
+        })
+
+    def forward(self, s, t):
+        losses = [feature_loss(self.proj[x](EMBED_TARGETS[x][2](s)), EMBED_TARGETS[x][2](t), self.loss)
+                  for x in self.targets]
+        return torch.stack(losses).mean()
+
+
+def layer_map(spec: Union[str, Mapping, None], n_student: int, n_teacher: int, where: str) -> dict[int, int]:
+    """Student layer -> teacher layer: ``uniform`` (student layer i learns from
+    teacher layer round((i+1) T / S) - 1, so last meets last), ``last``, or an explicit
+    ``{student: teacher}`` mapping (negative indices count from the end)."""
+    if n_student == 0 or n_teacher == 0:
+        raise ConfigError(f"{where}: the student ({n_student}) or teacher ({n_teacher}) has no layers in this stream")
+    spec = "uniform" if spec is None else spec
+    if spec == "uniform":
+        return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
+    if spec == "last":
+        return {n_student - 1: n_teacher - 1}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}.layers: expected uniform, last or a {{student: teacher}} mapping, got {spec!r}")
+    mapping = {}
+    for s, t in spec.items():
+        s, t = int(s), int(t)
+        s, t = s + n_student if s < 0 else s, t + n_teacher if t < 0 else t
+        if not (0 <= s < n_student and 0 <= t < n_teacher):
+            raise ConfigError(f"{where}.layers: {s}: {t} is out of range (student has {n_student} layers, "
+                              f"teacher {n_teacher})")
+        mapping[s] = t
+    return mapping
+
+
+class _LayerTerm(LossTerm):
+    KINDS: tuple[str, ...] = ()
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        if "stream" not in cfg:
+            raise ConfigError(f"{where}: missing key 'stream' ({', '.join(STREAMS)})")
+        self.stream = _choice(cfg, "stream", STREAMS, "", where)
+        kinds = tuple(k for k in KINDS[self.stream] if k in self.KINDS)
+        self.kind = _choice(cfg, "kind", kinds, kinds[0], where)
+        self.mapping = layer_map(cfg.get("layers"), len(stream_layers(student, self.stream)),
+                                 len(stream_layers(teacher, self.stream)), where)
+        self.needs = frozenset() if self.stream == "vision" else frozenset({self.stream})
+
+    def default_key(self, cfg):
+        kind = cfg.get("kind")
+        return f"{self.NAME}_{cfg.get('stream')}" + (f"_{kind}" if kind and kind not in ("hidden", "attn") else "")
+
+    def student_points(self):
+        return {(self.stream, self.kind, s) for s in self.mapping}
+
+    def teacher_points(self):
+        return {(self.stream, self.kind, t) for t in self.mapping.values()}
+
+    def pairs(self, s, t):
+        for i, j in self.mapping.items():
+            (xs, mask), (xt, _) = s.layer(self.stream, self.kind, i), t.layer(self.stream, self.kind, j)
+            aligned = xs.shape[:-1] == xt.shape[:-1] if self.kind == "hidden" else \
+                xs.shape[0] == xt.shape[0] and xs.shape[2:] == xt.shape[2:]
+            if not aligned:
+                raise ConfigError(f"{self.where}: student {self.stream} layer {i} {tuple(xs.shape)} and teacher "
+                                  f"layer {j} {tuple(xt.shape)} do not align (same image size and patch size?)")
+            yield i, xs, xt, mask
+
+
+@register_term("hidden")
+class HiddenDistill(_LayerTerm):
+    """Per-layer hidden states, MSE or cosine, through a learned projection when
+    the widths differ (TinyBERT); padding tokens are ignored."""
+
+    KEYS = ("stream", "layers", "loss", "project")
+    KINDS = ("hidden",)
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        self.loss = _choice(cfg, "loss", ("mse", "cosine"), "mse", where)
+        sw, tw = stream_width(student, self.stream), stream_width(teacher, self.stream)
+        self.proj = nn.ModuleDict({str(i): _projection(sw, tw, bool(cfg.get("project"))) for i in self.mapping})
+
+    def forward(self, s, t):
+        return torch.stack([feature_loss(self.proj[str(i)](xs), xt, self.loss, mask)
+                            for i, xs, xt, mask in self.pairs(s, t)]).mean()
+
+
+@register_term("attention")
+class AttentionDistill(_LayerTerm):
+    """KL on attention maps (MiniLM/TinyBERT): ``kind`` attn (self) or cross;
+    ``heads: mean`` compares head-averaged maps, ``matched`` head by head (same
+    head count). Padded query rows are ignored; padded keys carry ~0 mass in both."""
+
+    KEYS = ("stream", "kind", "layers", "heads")
+    KINDS = ("attn", "cross")
+
+    def __init__(self, cfg, student, teacher, where):
+        super().__init__(cfg, student, teacher, where)
+        self.heads = _choice(cfg, "heads", ("mean", "matched"), "mean", where)
+
+    def forward(self, s, t):
+        losses = []
+        for i, xs, xt, mask in self.pairs(s, t):  # [B, H, Lq, Lk]
+            if self.heads == "mean":
+                xs, xt = xs.mean(1, keepdim=True), xt.mean(1, keepdim=True)
+            elif xs.shape[1] != xt.shape[1]:
+                raise ConfigError(f"{self.where}.heads: matched needs equal head counts (student {xs.shape[1]}, "
+                                  f"teacher {xt.shape[1]}); use heads: mean")
+            rows = None if mask is None else mask[:, None, :]  # query rows of real tokens
+            losses.append(prob_kl(xs, xt, rows))
+        return torch.stack(losses).mean()
+
+
+def validate_terms(specs: Any) -> None:
+    """Names and keys of ``distill.terms``, checked before any model is built."""
+    if not specs:
+        raise ConfigError("distill.terms: list at least one loss term, e.g. - {name: itc_kd, weight: 1.0}")
+    for n, spec in enumerate(specs):
+        where = f"distill.terms[{n}]"
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ConfigError(f"{where}: expected a mapping with a 'name' ({', '.join(TERMS)})")
+        if spec["name"] not in TERMS:
+            raise ConfigError(f"{where}.name: '{spec['name']}' is not a loss term; known: {', '.join(TERMS)}")
+        check_keys(spec, COMMON + TERMS[spec["name"]].KEYS, where)
+
+
+def build_terms(specs: Any, student: nn.Module, teacher: nn.Module) -> list[LossTerm]:
+    """Instantiate ``distill.terms`` for this student and teacher."""
+    validate_terms(specs)
+    terms, keys = [], set()
+    for n, spec in enumerate(specs):
+        where = f"distill.terms[{n}]"
+        term = TERMS[spec["name"]](spec, student, teacher, where)
+        if term.key in keys:
+            raise ConfigError(f"{where}: a second term logs as loss_{term.key}; give one a distinct 'key'")
+        keys.add(term.key)
+        terms.append(term)
+    return terms

@@ -1,0 +1,124 @@
+"""What the loss terms compare, computed the same way for student and teacher
+from a model and its :class:`~lavis_dlip.distill.capture.Records`.
+
+Quantities are computed on first use and cached, so a term that is not
+configured costs nothing.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavis_dlip.distill.capture import Call, Records
+
+
+class DistillError(RuntimeError):
+    """A loss term cannot be computed for this model pair or batch."""
+
+
+def match_rows(rows: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tensor:
+    """Index of each row of ``rows`` in ``table`` (exact copies, as LAVIS's hard
+    negative mining makes them); compares the first token to keep it cheap."""
+    if rows is table:
+        return torch.arange(table.shape[0], device=table.device)
+    a, b = rows[:, 0].detach(), table[:, 0].detach()
+    equal = (a[:, None, :] == b[None, :, :]).all(-1)
+    found = equal.any(1)
+    if not bool(found.all()):
+        raise DistillError(
+            f"{what}: {int((~found).sum())} of {rows.shape[0]} rows are not in this process's batch "
+            f"(LAVIS mines negatives across processes with model.negative_all_rank: True); "
+            f"set negative_all_rank: False or use itm_kd with pairs: positives"
+        )
+    return equal.float().argmax(1)
+
+
+class BlipOutputs:
+    """Lazily derived features of one BLIP forward pass."""
+
+    def __init__(self, model: nn.Module, records: Records, lavis_output: Any = None):
+        self.model = model
+        self.records = records
+        self.lavis_output = lavis_output
+
+    # -- records
+    def call(self, stream: str, nth: int = 0) -> Call:
+        call = self.records.find(stream, nth)
+        if call is None or call.output is None:
+            which = {"text": "a text-encoder pass", "fusion": "a fused (ITM) pass", "decoder": "a decoder pass"}
+            raise DistillError(f"the forward pass of {type(self.model).__name__} made no {which[stream]} "
+                               f"(call {nth}); a loss term needs it")
+        return call
+
+    def model_loss(self, key: str) -> torch.Tensor:
+        value = None if self.lavis_output is None else getattr(self.lavis_output, key, None)
+        if value is None:
+            raise DistillError(f"{type(self.model).__name__}'s forward returns no {key}")
+        return value
+
+    @property
+    def image_embeds(self) -> torch.Tensor:
+        if self.records.image is None:
+            raise DistillError(f"{type(self.model).__name__} did not encode an image")
+        return self.records.image
+
+    # -- contrastive
+    @cached_property
+    def image_feat(self) -> torch.Tensor:
+        return F.normalize(self.model.vision_proj(self.image_embeds[:, 0, :]), dim=-1)
+
+    @cached_property
+    def text_feat(self) -> torch.Tensor:
+        return F.normalize(self.model.text_proj(self.call("text").output[:, 0, :]), dim=-1)
+
+    @cached_property
+    def itc_logits(self) -> torch.Tensor:
+        """In-batch image-to-text logits (the model's own temperature, clamped as LAVIS does)."""
+        temp = self.model.temp.clamp(0.001, 0.5)
+        return self.image_feat @ self.text_feat.t() / temp
+
+    # -- image-text matching
+    @cached_property
+    def fusion_cls(self) -> torch.Tensor:
+        return self.call("fusion").output[:, 0, :]
+
+    def itm_logits(self, pairs: str = "all") -> torch.Tensor:
+        """ITM logits of the positive pairs, then (``pairs="all"``) the negatives."""
+        cls = [self.fusion_cls]
+        if pairs == "all":
+            cls.append(self.call("fusion", 1).output[:, 0, :])
+        return self.model.itm_head(torch.cat(cls, dim=0))
+
+    # -- decoder
+    @cached_property
+    def decoder_cls(self) -> torch.Tensor:
+        return self.call("decoder").output[:, 0, :]
+
+    def lm_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits ``[B, L-1, V]`` and the mask of scored positions
+        (the model's labels when it has them, else its attention mask)."""
+        call = self.call("decoder")
+        if call.logits is None:
+            raise DistillError(f"{type(self.model).__name__}'s decoder returned no logits")
+        if call.labels is not None:
+            mask = call.labels[:, 1:] != -100
+        else:
+            mask = call.attention_mask[:, 1:].bool()
+        return call.logits[:, :-1, :], mask
+
+    # -- per-layer
+    def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A captured per-layer tensor and its token mask (None: no padding)."""
+        if stream == "vision":
+            tensor, mask = self.records.vision_layers.get((kind, index)), None
+        else:
+            call = self.call(stream)
+            tensor, mask = call.layers.get((kind, index)), call.attention_mask
+        if tensor is None:
+            raise DistillError(f"{stream} layer {index} ({kind}) was not captured for {type(self.model).__name__}")
+        return tensor, mask

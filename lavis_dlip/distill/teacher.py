@@ -1,0 +1,150 @@
+"""The frozen teacher: any LAVIS BLIP model, loaded from its registry name and
+model type (weights from LAVIS's yaml URLs, a checkpoint path or URL, or random),
+queried module by module so that it never updates its momentum encoders or queues.
+
+``distill.teacher`` keys:
+
+* ``arch``, ``model_type``: a registered model (``blip_retrieval``/``coco``,
+  ``blip_pretrain``/``base``, ``dlip_retrieval``/``base``, ...);
+* ``cfg_path``: instead, take the ``model`` section of a run yaml (a teacher
+  trained with this project), relative to the distillation yaml;
+* ``overrides``: model-config keys merged on top (e.g. ``{image_size: 224}``);
+* ``checkpoint``: weights to load (path or URL); replaces the model type's own;
+* ``load_weights``: ``False`` builds the teacher with random weights (dry runs, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lavis_dlip.config import ConfigError, check_keys
+from lavis_dlip.distill.capture import Capture, Point, Records
+from lavis_dlip.distill.outputs import BlipOutputs, match_rows
+
+TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".") -> Any:
+    """The teacher's model config (validated, nothing built)."""
+    from lavis.common.registry import registry
+
+    check_keys(cfg, TEACHER_KEYS, "distill.teacher")
+    if cfg.get("cfg_path"):
+        path = cfg["cfg_path"] if os.path.isabs(cfg["cfg_path"]) else os.path.join(base_dir, cfg["cfg_path"])
+        if not os.path.isfile(path):
+            raise ConfigError(f"distill.teacher.cfg_path: file not found: {path}")
+        model_cfg = OmegaConf.load(path).get("model")
+        if model_cfg is None:
+            raise ConfigError(f"distill.teacher.cfg_path: {path} has no 'model' section")
+    else:
+        model_cfg = OmegaConf.create({k: cfg.get(k) for k in ("arch", "model_type")})
+    arch, model_type = model_cfg.get("arch"), model_cfg.get("model_type")
+    model_cls = registry.get_model_class(arch) if arch else None
+    if model_cls is None:
+        raise ConfigError(f"distill.teacher.arch: '{arch}' is not a registered LAVIS model")
+    if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
+        raise ConfigError(f"distill.teacher.model_type: '{model_type}' is not a type of '{arch}'; "
+                          f"known: {', '.join(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
+    preset = OmegaConf.load(model_cls.default_config_path(model_type)).model
+    merged = OmegaConf.merge(preset, model_cfg, OmegaConf.create(dict(cfg.get("overrides") or {})))
+    if cfg.get("checkpoint") or not cfg.get("load_weights", True):
+        merged.load_finetuned = False
+        merged.load_pretrained = False
+    return merged
+
+
+def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".") -> FrozenTeacher:
+    from lavis.common.registry import registry
+
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    model_cfg = teacher_model_config(cfg, base_dir)
+    with tokenizer_source(model_cfg.get("tokenizer")):
+        model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint:
+        model.load_checkpoint(checkpoint)
+    logger.info("teacher %s/%s (%s)", model_cfg.arch, model_cfg.model_type,
+                checkpoint or ("LAVIS weights" if cfg.get("load_weights", True) else "random weights"))
+    return FrozenTeacher(model)
+
+
+class FrozenTeacher:
+    """Holds the teacher outside the student: not an ``nn.Module`` attribute of it,
+    so it stays out of the optimizer, DDP and checkpoints."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def to(self, device: torch.device) -> FrozenTeacher:
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def replay(self, image: torch.Tensor, student: Records, needs: set[str],
+               points: set[Point]) -> BlipOutputs:
+        """Run the teacher's modules on what the student saw this step.
+
+        ``needs`` picks the passes: ``image``, ``text``, ``fusion`` (positive pairs),
+        ``fusion_neg`` (the student's hard negatives, same pairs), ``decoder``.
+        """
+        model = self.model
+        model.eval()
+        with Capture(model, points) as records:
+            image_embeds = model.visual_encoder.forward_features(image)
+            atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+
+            def fuse(call, nth):
+                idx = match_rows(call.encoder_hidden_states, student.image, f"student fused pass {nth}")
+                model.text_encoder(call.input_ids, attention_mask=call.attention_mask,
+                                   encoder_hidden_states=image_embeds[idx], encoder_attention_mask=atts[idx],
+                                   return_dict=True)
+
+            if "text" in needs:
+                call = _need(student.find("text"), "text")
+                model.text_encoder(call.input_ids, attention_mask=call.attention_mask, return_dict=True, mode="text")
+            if "fusion" in needs or "fusion_neg" in needs:
+                fuse(_need(student.find("fusion"), "fusion"), 0)
+            if "fusion_neg" in needs:
+                fuse(_need(student.find("fusion", 1), "fusion (negatives)"), 1)
+            if "decoder" in needs:
+                call = _need(student.find("decoder"), "decoder")
+                if getattr(model, "text_decoder", None) is None:
+                    raise ConfigError(f"distill: the teacher ({type(model).__name__}) has no text decoder "
+                                      f"for the decoder terms; use a teacher with one (blip_pretrain, blip_caption)")
+                idx = match_rows(call.encoder_hidden_states, student.image, "student decoder pass")
+                model.text_decoder(call.input_ids, attention_mask=call.attention_mask,
+                                   encoder_hidden_states=image_embeds[idx], encoder_attention_mask=atts[idx],
+                                   return_dict=True)
+        return BlipOutputs(model, records)
+
+
+def _need(call: Optional[Any], what: str):
+    if call is None:
+        raise ConfigError(f"distill: the student's forward made no {what} pass, which a loss term needs")
+    return call
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Token-level terms feed the student's token ids to the teacher."""
+    s_tok, t_tok = getattr(student, "tokenizer", None), getattr(teacher, "tokenizer", None)
+    if s_tok is not None and t_tok is not None and s_tok.get_vocab() != t_tok.get_vocab():
+        raise ConfigError("distill.teacher: the teacher's tokenizer differs from the student's "
+                          "(model.tokenizer); distillation feeds the same token ids to both")
+    s_img = getattr(student.visual_encoder, "patch_embed", None)
+    t_img = getattr(teacher.visual_encoder, "patch_embed", None)
+    if s_img is not None and t_img is not None and s_img.img_size != t_img.img_size:
+        raise ConfigError(f"distill.teacher: image size {t_img.img_size} differs from the student's "
+                          f"{s_img.img_size}; both see the same images (set distill.teacher.overrides.image_size)")

@@ -1,0 +1,73 @@
+"""Distillation tasks: LAVIS's tasks whose training step adds DLIP's loss terms
+from a frozen teacher (``distill`` section of the run yaml).
+
+* ``dlip_distill_pretrain``: image-text pairs (LAVIS's COCO/VG/SBU/CC3M caption
+  builders or ``dlip_local_pairs``); student ``dlip_pretrain`` (ITC, ITM, LM) or
+  ``dlip_retrieval`` (ITC, ITM). Validation and test splits that hold retrieval
+  annotations are scored as zero-shot retrieval; others are skipped, as LAVIS's
+  pre-training task does.
+* ``dlip_distill_retrieval``: LAVIS's retrieval task (fine-tuning, recall@k).
+
+The teacher lives on the task, outside the model: it is not optimised, not
+wrapped in DDP and not checkpointed. With ``run.evaluate: True`` it is not built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from lavis.common.registry import registry
+from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
+from lavis.tasks.retrieval import RetrievalTask
+
+from lavis_dlip.config import ConfigError
+from lavis_dlip.distill import ATTRIBUTE, Distiller, FrozenTeacher, build_terms, load_teacher
+from lavis_dlip.distill.teacher import check_compatible
+
+
+class DistillTaskMixin:
+    """Left of a LAVIS task: builds the teacher and terms, runs the distillation step."""
+
+    teacher: Optional[FrozenTeacher] = None
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        if cfg.run_cfg.get("evaluate", False):
+            return model  # evaluation needs the student alone
+        distill = cfg.config.get("distill")
+        if distill is None:
+            raise ConfigError(f"run.task {cfg.run_cfg.task} needs a top-level 'distill' section "
+                              f"(teacher and terms); see docs/distillation.md")
+        self.teacher = load_teacher(distill.teacher, base_dir=distill.get("base_dir") or os.getcwd())
+        check_compatible(model, self.teacher.model)
+        setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model)))
+        return model
+
+    def train_step(self, model, samples):
+        student = getattr(model, "module", model)  # DDP wraps it
+        return getattr(student, ATTRIBUTE).step(model, student, self.teacher, samples)
+
+
+@registry.register_task("dlip_distill_pretrain")
+class DistillPretrainTask(DistillTaskMixin, ImageTextPretrainTask):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self._retrieval = RetrievalTask(cfg=cfg)
+
+    @classmethod
+    def setup_task(cls, cfg):
+        return cls(cfg=cfg.run_cfg)
+
+    def evaluation(self, model, data_loader, cuda_enabled=True):
+        if not hasattr(data_loader.dataset, "img2txt"):
+            return None
+        return self._retrieval.evaluation(model, data_loader)
+
+    def after_evaluation(self, val_result, **kwargs):
+        return val_result
+
+
+@registry.register_task("dlip_distill_retrieval")
+class DistillRetrievalTask(DistillTaskMixin, RetrievalTask):
+    pass
