@@ -330,7 +330,7 @@ class AttentionDistill(_LayerTerm):
 
     def forward(self, s, t):
         losses = []
-        for i, xs, xt, mask in self.pairs(s, t):  # [B, H, Lq, Lk]
+        for _i, xs, xt, mask in self.pairs(s, t):  # [B, H, Lq, Lk]
             if self.heads == "mean":
                 xs, xt = xs.mean(1, keepdim=True), xt.mean(1, keepdim=True)
             elif xs.shape[1] != xt.shape[1]:

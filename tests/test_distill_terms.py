@@ -1,0 +1,248 @@
+"""Loss terms with known values, layer maps, capture hooks and teacher replay."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lavis_dlip  # noqa: F401
+from lavis_dlip.config import ConfigError
+from lavis_dlip.distill import Distiller, build_terms, load_teacher
+from lavis_dlip.distill.capture import Capture
+from lavis_dlip.distill.losses import feature_loss, layer_map, prob_kl, soft_kl
+from lavis_dlip.distill.outputs import DistillError, match_rows
+
+WIDER = {"vision": {"width": 96, "depth": 3, "heads": 3},
+         "text": {"width": 96, "heads": 3, "intermediate_size": 192, "layers": 3},
+         "decoder": {"layers": 3, "share": True}}
+
+ALL_TERMS = [
+    {"name": "itc"}, {"name": "itm"}, {"name": "lm"},
+    {"name": "itc_kd", "temperature": 2.0}, {"name": "itm_kd"}, {"name": "lm_kd"},
+    {"name": "hidden", "stream": "vision"}, {"name": "hidden", "stream": "text", "loss": "cosine"},
+    {"name": "hidden", "stream": "fusion"}, {"name": "hidden", "stream": "decoder"},
+    {"name": "attention", "stream": "vision"}, {"name": "attention", "stream": "text"},
+    {"name": "attention", "stream": "fusion", "kind": "cross"}, {"name": "attention", "stream": "decoder"},
+    {"name": "embed", "targets": ["image_feat", "text_feat", "itm_cls", "decoder_cls"]},
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A `test` dlip_pretrain student and a wider, deeper random teacher."""
+    from lavis.models import load_model
+
+    torch.manual_seed(0)
+    student = load_model("dlip_pretrain", "test", is_eval=False, device="cpu").train()
+    teacher = load_teacher(OmegaConf.create({"arch": "dlip_pretrain", "model_type": "test", "overrides": WIDER}))
+    return student, teacher
+
+
+def batch(n: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    texts = ["a red circle left of a blue square", "two green triangles", "a small yellow star",
+             "one big blue square on the right", "a purple circle", "three stars", "a cat", "two dogs"]
+    return {"image": torch.randn(n, 3, 64, 64, generator=g), "text_input": texts[:n],
+            "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+
+
+def terms(specs, pair):
+    student, teacher = pair
+    return build_terms(OmegaConf.create(specs), student, teacher.model)
+
+
+# ---------------------------------------------------------------- math
+def test_soft_kl_known_values():
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    # p_t = (3/4, 1/4), p_s = (1/2, 1/2)
+    assert soft_kl(s, t).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    # T = 2: p_t = (sqrt3, 1) / (1 + sqrt3), times T^2
+    a = math.sqrt(3) / (1 + math.sqrt(3))
+    expected = 4 * (a * math.log(2 * a) + (1 - a) * math.log(2 * (1 - a)))
+    assert soft_kl(s, t, temperature=2.0).item() == pytest.approx(expected, abs=1e-6)
+    x = torch.randn(4, 7)
+    assert soft_kl(x, x.clone()).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_masked_rows_are_ignored():
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    base = soft_kl(s, t, mask=mask)
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask], t2[~mask] = 100.0 * torch.randn(5, 11), -50.0  # padding changes nothing
+    assert soft_kl(s2, t2, mask=mask).item() == pytest.approx(base.item(), rel=1e-6)
+    manual = torch.stack([soft_kl(s[b, :k], t[b, :k]) * k for b, k in ((0, 3), (1, 2))]).sum() / 5
+    assert base.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_prob_kl_and_feature_loss_known_values():
+    p = torch.tensor([[0.5, 0.5]])
+    q = torch.tensor([[0.75, 0.25]])
+    assert prob_kl(p, q).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    assert prob_kl(q, q).item() == pytest.approx(0.0, abs=1e-7)
+    a, b = torch.tensor([[[1.0, 0.0], [3.0, 4.0]]]), torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
+    assert feature_loss(a, b, "mse").item() == pytest.approx((0.5 + 8.0) / 2)
+    assert feature_loss(a, b, "mse", mask=torch.tensor([[1, 0]])).item() == pytest.approx(0.5)
+    assert feature_loss(a, a, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_loss(a[:, 1:], b[:, 1:], "cosine").item() == pytest.approx(1 - 0.6)
+
+
+def test_layer_map():
+    assert layer_map("uniform", 2, 3, "x") == {0: 1, 1: 2}
+    assert layer_map("uniform", 3, 12, "x") == {0: 3, 1: 7, 2: 11}
+    assert layer_map(None, 4, 4, "x") == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert layer_map("last", 2, 5, "x") == {1: 4}
+    assert layer_map({0: 0, -1: -1}, 2, 5, "x") == {0: 0, 1: 4}
+    with pytest.raises(ConfigError, match=r"x.layers: 2: 0 is out of range"):
+        layer_map({2: 0}, 2, 5, "x")
+    with pytest.raises(ConfigError, match="x.layers"):
+        layer_map("every", 2, 5, "x")
+
+
+# ---------------------------------------------------------------- terms on known outputs
+def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
+    itc, itm, lm, hidden, attn, embed = terms([
+        {"name": "itc_kd"}, {"name": "itm_kd"}, {"name": "lm_kd"},
+        {"name": "hidden", "stream": "vision", "layers": {0: 0}, "project": False},
+        {"name": "attention", "stream": "text", "layers": {1: 2}},
+        {"name": "embed", "targets": ["image_feat"]},
+    ], pair)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, generator=g)
+    same = SimpleNamespace(itc_logits=logits, itm_logits=lambda pairs: logits[:, :2],
+                           lm_logits=lambda: (logits[None], torch.ones(1, 3, dtype=torch.bool)),
+                           image_feat=torch.randn(3, 32, generator=g))
+    for term in (itc, itm, lm):
+        assert term(same, same).item() == pytest.approx(0.0, abs=1e-6), term.key
+    # hand case: a 2-sample batch whose teacher is sure and whose student is uniform
+    s = SimpleNamespace(itc_logits=torch.zeros(2, 2), itm_logits=lambda pairs: torch.zeros(2, 2),
+                        lm_logits=lambda: (torch.zeros(1, 2, 2), torch.tensor([[True, False]])))
+    t = SimpleNamespace(itc_logits=torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]),
+                        itm_logits=lambda pairs: torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]]),
+                        lm_logits=lambda: (torch.tensor([[[math.log(3.0), 0.0], [9.0, -9.0]]]), None))
+    known = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    for term in (itc, itm, lm):
+        assert term(s, t).item() == pytest.approx(known, abs=1e-6), term.key
+
+    # per-layer terms read layer(stream, kind, index) -> (tensor, mask)
+    x = torch.randn(2, 5, 64, generator=g)
+    probs = torch.softmax(torch.randn(2, 3, 4, 4, generator=g), -1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out = SimpleNamespace(layer=lambda stream, kind, i: (x if stream == "vision" else probs, mask))
+    other = SimpleNamespace(layer=lambda *a: (torch.randn(2, 4, 96), None))
+    with pytest.raises(ConfigError, match=r"terms\[3\]: student vision layer 0 \(2, 5, 64\).*do not align"):
+        hidden(out, other)  # 5 tokens vs 4: different image or patch size
+    assert attn(out, out).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((2, 3, 4, 4), 0.25)
+    s_att = SimpleNamespace(layer=lambda *a: (uniform, mask))
+    t_att = SimpleNamespace(layer=lambda *a: (torch.eye(4).expand(2, 3, 4, 4).clamp_min(0.0), mask))
+    # teacher one-hot rows, student uniform: KL = log 4 on each real query row
+    assert attn(s_att, t_att).item() == pytest.approx(math.log(4.0), rel=1e-4)
+    # embed: the student (32-d ITC features) and teacher (32-d) need no projection; MSE
+    a, b = torch.zeros(3, 32), torch.ones(3, 32)
+    assert embed(SimpleNamespace(image_feat=a), SimpleNamespace(image_feat=b)).item() == pytest.approx(1.0)
+    assert embed(SimpleNamespace(image_feat=a), SimpleNamespace(image_feat=a)).item() == 0.0
+
+
+def test_hidden_projects_when_widths_differ(pair):
+    (hidden,) = terms([{"name": "hidden", "stream": "vision", "layers": {0: 2}}], pair)
+    proj = hidden.proj["0"]
+    assert isinstance(proj, torch.nn.Linear) and (proj.in_features, proj.out_features) == (64, 96)
+    xs, xt = torch.randn(2, 17, 64), torch.randn(2, 17, 96)
+    s = SimpleNamespace(layer=lambda *a: (xs, None))
+    t = SimpleNamespace(layer=lambda *a: (xt, None))
+    assert hidden(s, t).item() == pytest.approx(((proj(xs) - xt) ** 2).mean().item(), rel=1e-6)
+    assert hidden.student_points() == {("vision", "hidden", 0)} and hidden.teacher_points() == {("vision", "hidden", 2)}
+
+
+def test_term_config_errors(pair):
+    with pytest.raises(ConfigError, match=r"distill.terms\[0\].name: 'itc_dk' is not a loss term"):
+        terms([{"name": "itc_dk"}], pair)
+    with pytest.raises(ConfigError, match=r"distill.terms\[0\].*temprature.*temperature"):
+        terms([{"name": "itc_kd", "temprature": 2}], pair)
+    with pytest.raises(ConfigError, match=r"terms\[0\].temperature: must be > 0"):
+        terms([{"name": "itc_kd", "temperature": 0}], pair)
+    with pytest.raises(ConfigError, match=r"terms\[1\]: a second term logs as loss_hidden_vision"):
+        terms([{"name": "hidden", "stream": "vision"}, {"name": "hidden", "stream": "vision"}], pair)
+    with pytest.raises(ConfigError, match=r"terms\[0\]: missing key 'stream'"):
+        terms([{"name": "hidden"}], pair)
+    with pytest.raises(ConfigError, match=r"terms\[0\].kind: 'cross' is not one of attn"):
+        terms([{"name": "attention", "stream": "vision", "kind": "cross"}], pair)
+    assert [t.key for t in terms([{"name": "hidden", "stream": "text", "key": "t2"}], pair)] == ["t2"]
+
+
+# ---------------------------------------------------------------- capture and teacher
+def test_capture_records_calls_and_only_requested_layers(pair):
+    student, _ = pair
+    points = {("vision", "attn", 1), ("text", "hidden", 0), ("fusion", "cross", 1), ("decoder", "hidden", 1)}
+    with torch.no_grad(), Capture(student, points) as rec:
+        student(batch())
+    assert [c.stream for c in rec.calls] == ["text", "fusion", "fusion", "decoder"]  # momentum passes unhooked
+    assert set(rec.vision_layers) == {("attn", 1)}
+    assert rec.vision_layers[("attn", 1)].shape == (8, 2, 17, 17)
+    text, pos, neg, dec = rec.calls
+    assert set(text.layers) == {("hidden", 0)} and set(pos.layers) == {("cross", 1)} and neg.layers == {}
+    assert pos.layers[("cross", 1)].shape[-1] == 17  # queries attend to 16 patches + [CLS]
+    assert torch.allclose(pos.layers[("cross", 1)].sum(-1), torch.ones(()))
+    assert pos.encoder_hidden_states is rec.image and neg.encoder_hidden_states.shape[0] == 16
+    assert torch.equal(text.attention_mask, pos.attention_mask) and dec.labels is not None
+    assert dec.logits.shape[:2] == dec.input_ids.shape
+    for module in student.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, "hooks left behind"
+
+
+def test_match_rows():
+    table = torch.randn(4, 3, 8)
+    assert match_rows(table[[2, 0, 0, 3]], table, "x").tolist() == [2, 0, 0, 3]
+    with pytest.raises(DistillError, match="negative_all_rank"):
+        match_rows(torch.randn(1, 3, 8), table, "x")
+
+
+def test_teacher_replay_matches_the_teacher_run_by_hand(pair):
+    import torch.nn.functional as F
+
+    student, teacher = pair
+    distiller = Distiller(terms(ALL_TERMS, pair))
+    samples = batch()
+    with torch.no_grad(), Capture(student, distiller.student_points) as rec:
+        student(samples)
+    t = teacher.replay(samples["image"], rec, distiller.needs, distiller.teacher_points)
+    m = teacher.model
+    with torch.no_grad():
+        img = m.visual_encoder.forward_features(samples["image"])
+        text = rec.find("text")
+        txt = m.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True, mode="text")
+        expected = F.normalize(m.vision_proj(img[:, 0]), dim=-1) @ F.normalize(m.text_proj(
+            txt.last_hidden_state[:, 0]), dim=-1).t() / m.temp.clamp(0.001, 0.5)
+    assert torch.allclose(t.itc_logits, expected, atol=1e-5)
+    assert t.itm_logits("all").shape == (24, 2) and t.lm_logits()[0].shape[-1] == 30524
+    assert set(t.records.vision_layers) == {(k, i) for _, k, i in distiller.teacher_points if _ == "vision"}
+
+
+def test_step_logs_every_term_and_grads_reach_only_student_and_projections(pair):
+    student, teacher = pair
+    distiller = Distiller(terms(ALL_TERMS, pair))
+    student.dlip_distill = distiller
+    try:
+        student.zero_grad(set_to_none=True)
+        before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+        loss, logged = distiller.step(student, student, teacher, batch())
+        assert set(logged) == {f"loss_{t.key}" for t in distiller.terms}
+        assert all(torch.isfinite(v) and v.item() >= 0 for v in logged.values())
+        expected = sum(t.weight * logged[f"loss_{t.key}"] for t in distiller.terms)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        loss.backward()
+        assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+        projections = list(distiller.parameters())
+        assert projections and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projections)
+        for name in ("visual_encoder.blocks.0.attn.qkv.weight",
+                     "text_encoder.encoder.layer.0.attention.self.query.weight",
+                     "text_decoder.cls.predictions.transform.dense.weight", "itm_head.weight", "vision_proj.weight"):
+            assert student.get_parameter(name).grad.abs().sum() > 0, name
+        assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+    finally:
+        del student.dlip_distill
