@@ -135,7 +135,9 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
     for opt in opts:
         if "=" not in opt:
             raise ConfigError(f"--options expects key=value pairs, got '{opt}'")
-    raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(opts))
+    for opt in opts:  # update() also reaches list items: distill.terms.0.weight=2
+        key, value = opt.split("=", 1)
+        OmegaConf.update(raw, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
     validate(raw, cfg_path, evaluate=evaluate)
 
     cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=opts))
