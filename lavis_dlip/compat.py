@@ -11,12 +11,14 @@ imported. docs/compat.md lists the same fixes for users.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +199,33 @@ def skip_spice_offline() -> None:
             return float("nan"), [float("nan")] * len(gts)
 
     coco_eval.Spice = OfflineSpice
+
+
+@contextlib.contextmanager
+def random_weights() -> Iterator[None]:
+    """LAVIS's ``from_config`` downloads the checkpoint its yaml names
+    (base_model.py:load_checkpoint_from_config), and BLIP pre-training models also
+    fetch DeiT and bert-base-uncased weights (blip_pretrain.py:368, ``from_pretrained=True``);
+    inside this context none of that happens, for dry runs and cost reports."""
+    from lavis.models.base_model import BaseModel
+    from lavis.models.med import XBertEncoder, XBertLMHeadDecoder
+    from lavis.models.vit import VisionTransformerEncoder
+
+    def no_pretrained(original):
+        return classmethod(lambda cls, cfg, from_pretrained=False: original.__func__(cls, cfg, from_pretrained=False))
+
+    encoders = (VisionTransformerEncoder, XBertEncoder, XBertLMHeadDecoder)
+    saved = [(c, c.__dict__["from_config"]) for c in encoders]
+    load = BaseModel.load_checkpoint_from_config
+    BaseModel.load_checkpoint_from_config = lambda self, cfg, **kw: None
+    for cls, original in saved:
+        cls.from_config = no_pretrained(original)
+    try:
+        yield
+    finally:
+        BaseModel.load_checkpoint_from_config = load
+        for cls, original in saved:
+            cls.from_config = original
 
 
 def apply() -> None:

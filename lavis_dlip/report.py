@@ -13,13 +13,12 @@ re-ranking of k candidates, caption generation. Ratios are model / reference.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -36,24 +35,12 @@ class ModelCost:
 
 
 # ----------------------------------------------------------------------------- building
-@contextlib.contextmanager
-def _no_checkpoints() -> Iterator[None]:
-    """LAVIS's ``from_config`` downloads the checkpoint its yaml names; the report needs none."""
-    from lavis.models.base_model import BaseModel
-
-    original = BaseModel.load_checkpoint_from_config
-    BaseModel.load_checkpoint_from_config = lambda self, cfg, **kw: None
-    try:
-        yield
-    finally:
-        BaseModel.load_checkpoint_from_config = original
-
-
 def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     """A registered model ``arch:type`` with random weights, at ``image_size``."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
+    from lavis_dlip import compat
     from lavis_dlip.config import ConfigError
     from lavis_dlip.models.tokenizer import tokenizer_source
 
@@ -73,7 +60,7 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     cfg.pop("init", None)
     if tokenizer:  # --tokenizer wins over a preset's own (costs do not depend on the vocabulary file)
         cfg.tokenizer = tokenizer
-    with _no_checkpoints(), tokenizer_source(tokenizer):
+    with compat.random_weights(), tokenizer_source(tokenizer):
         model = cls.from_config(cfg)
     return model.eval()
 
@@ -202,11 +189,18 @@ def measure(specs: Sequence[str], image_size: Optional[int], text_len: int, k: i
             ) -> list[ModelCost]:
     torch.manual_seed(0)
     models = [build(s, image_size, tokenizer).to(device) for s in specs]
-    sizes = [image_size or _image_size(m) for m in models]
-    loads = [Workloads(m, size, text_len, k, batch, device) for m, size in zip(models, sizes)]
-    costs = [ModelCost(name=s) for s in specs]
+    return measure_models(dict(zip(specs, models)), image_size, text_len, k, batch, device, warmup, repeats,
+                          latency)
+
+
+def measure_models(models: Mapping[str, Any], image_size: Optional[int], text_len: int, k: int, batch: int,
+                   device: str, warmup: int, repeats: int, latency: bool = True) -> list[ModelCost]:
+    """Parameters, FLOPs and (interleaved, median) latency of built models, by name."""
+    sizes = [image_size or _image_size(m) for m in models.values()]
+    loads = [Workloads(m, size, text_len, k, batch, device) for m, size in zip(models.values(), sizes)]
+    costs = [ModelCost(name=name) for name in models]
     with torch.inference_mode():
-        for cost, model, load in zip(costs, models, loads):
+        for cost, model, load in zip(costs, models.values(), loads):
             cost.params = count_params(model)
             cost.flops = load.module_flops()
         if latency:

@@ -15,6 +15,7 @@ queried module by module so that it never updates its momentum encoders or queue
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Mapping, Optional
@@ -23,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from lavis_dlip import compat
 from lavis_dlip.config import ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, match_rows
@@ -67,7 +69,8 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".") -> FrozenTeacher:
     from lavis_dlip.models.tokenizer import tokenizer_source
 
     model_cfg = teacher_model_config(cfg, base_dir)
-    with tokenizer_source(model_cfg.get("tokenizer")):
+    weights = contextlib.nullcontext() if cfg.get("load_weights", True) else compat.random_weights()
+    with tokenizer_source(model_cfg.get("tokenizer")), weights:
         model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint:
