@@ -29,9 +29,10 @@ RECALLS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
 logger = logging.getLogger(__name__)
 
 
-def teacher_cache(cfg_path: Path, data_dir: Path) -> Path:
-    """Where a trained demo teacher is kept: keyed by its yaml and the data."""
-    key = hashlib.sha256(cfg_path.read_bytes() + str(data_dir.name).encode()).hexdigest()[:10]
+def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Path:
+    """Where a trained demo teacher is kept: keyed by its yaml, the data and the options."""
+    key = hashlib.sha256(b"\n".join([cfg_path.read_bytes(), data_dir.name.encode(), *map(str.encode, options)]))
+    key = key.hexdigest()[:10]
     root = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
     return root / f"{cfg_path.stem}-{key}"
 
@@ -41,12 +42,12 @@ def _job_dir(root: Path) -> Path:
 
 
 def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
-    """The teacher's checkpoint and test metrics, trained once per yaml and data."""
+    """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
     from lavis_dlip.cli import run
 
-    cache = teacher_cache(cfg_path, data_dir)
+    cache = teacher_cache(cfg_path, data_dir, options)
     ckpt, metrics = cache / "checkpoint_best.pth", cache / "metrics.json"
-    if ckpt.is_file() and metrics.is_file() and not options:
+    if ckpt.is_file() and metrics.is_file():
         logger.info("reusing the demo teacher in %s (delete it to retrain)", cache)
         record = json.loads(metrics.read_text())
         return {"checkpoint": ckpt, "test": record["test"], "seconds": 0.0, "cached": True,
@@ -56,17 +57,14 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
     seconds = time.time() - t0
     job = _job_dir(output_dir)
     record = json.loads((job / "metrics.json").read_text())
-    if not options:  # only the yaml's own teacher is cached
-        tmp = cache.with_name(cache.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(job / "checkpoint_best.pth", tmp / "checkpoint_best.pth")
-        (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
-        shutil.rmtree(cache, ignore_errors=True)
-        tmp.rename(cache)  # complete or absent, never half written
-        job = cache
-    return {"checkpoint": job / "checkpoint_best.pth", "test": record["test"], "seconds": seconds,
-            "cached": False, "trained_s": seconds}
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(job / "checkpoint_best.pth", tmp / "checkpoint_best.pth")
+    (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)  # complete or absent, never half written
+    return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}
 
 
 def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> dict:
@@ -104,13 +102,16 @@ def timings(models: dict[str, Any], repeats: int) -> dict[str, dict]:
             for c in costs}
 
 
-def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 5) -> dict:
+def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 5, data_preset: str = "demo") -> dict:
+    """Teacher, distilled and not-distilled students; ``options`` apply to every stage."""
     import torch
 
     from lavis_dlip.datasets.demo_data import ensure
 
     start = time.time()
-    data = ensure("demo")
+    data = ensure(data_preset)
+    if data_preset != "demo":
+        options = [f"datasets.dlip_local_retrieval.base_dir={data}", *options]
     out = Path(output_dir).resolve()
     teacher_cfg, distill_cfg, student_cfg = (DEMO_DIR / f"{n}_retrieval.yaml"
                                              for n in ("teacher", "distill", "student"))
@@ -169,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--options", nargs="+", default=[],
-                        help="key=value overrides for every stage (a teacher trained with overrides is not cached)")
+                        help="key=value overrides for every stage (the teacher is cached per options)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
     parser.add_argument("--json", help="also write the table as JSON to this file")
     args = parser.parse_args(argv)
