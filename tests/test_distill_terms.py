@@ -230,7 +230,20 @@ def test_step_logs_every_term_and_grads_reach_only_student_and_projections(pair)
     try:
         student.zero_grad(set_to_none=True)
         before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+        calls = {"image": 0, "bert": 0, "decoder": 0}
+
+        def count(name):
+            return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+        m = teacher.model
+        counters = [m.visual_encoder.norm.register_forward_hook(count("image")),
+                    m.text_encoder.embeddings.register_forward_hook(count("bert")),
+                    m.text_decoder.register_forward_hook(count("decoder"))]
         loss, logged = distiller.step(student, student, teacher, batch())
+        for handle in counters:
+            handle.remove()
+        # the teacher ran once: one image pass, text + positive + negative fused passes, one decoder pass
+        assert calls == {"image": 1, "bert": 3, "decoder": 1}
         assert set(logged) == {f"loss_{t.key}" for t in distiller.terms}
         assert all(torch.isfinite(v) and v.item() >= 0 for v in logged.values())
         expected = sum(t.weight * logged[f"loss_{t.key}"] for t in distiller.terms)

@@ -131,6 +131,13 @@ class _ModelLoss(LossTerm):
         return s.model_loss(self.OUTPUT)
 
 
+@register_term("task")
+class TaskLoss(_ModelLoss):
+    """The model's total LAVIS loss (e.g. BLIP VQA's weighted answer loss)."""
+
+    OUTPUT = "loss"
+
+
 @register_term("itc")
 class ITCLoss(_ModelLoss):
     OUTPUT = "loss_itc"

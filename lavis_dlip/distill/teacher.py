@@ -27,7 +27,7 @@ from torch import nn
 from lavis_dlip import compat
 from lavis_dlip.config import ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
-from lavis_dlip.distill.outputs import BlipOutputs, match_rows
+from lavis_dlip.distill.outputs import BlipOutputs, DistillError, match_rows
 
 TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
 
@@ -109,29 +109,50 @@ class FrozenTeacher:
             image_embeds = model.visual_encoder.forward_features(image)
             atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
 
-            def fuse(call, nth):
+            fused = {}
+
+            def fuse(nth):
+                call = _need(student.find("fusion", nth), "fused (ITM / question)")
                 idx = match_rows(call.encoder_hidden_states, student.image, f"student fused pass {nth}")
-                model.text_encoder(call.input_ids, attention_mask=call.attention_mask,
-                                   encoder_hidden_states=image_embeds[idx], encoder_attention_mask=atts[idx],
-                                   return_dict=True)
+                fused[nth] = model.text_encoder(
+                    call.input_ids, attention_mask=call.attention_mask, encoder_hidden_states=image_embeds[idx],
+                    encoder_attention_mask=atts[idx], return_dict=True).last_hidden_state
 
             if "text" in needs:
                 call = _need(student.find("text"), "text")
                 model.text_encoder(call.input_ids, attention_mask=call.attention_mask, return_dict=True, mode="text")
             if "fusion" in needs or "fusion_neg" in needs:
-                fuse(_need(student.find("fusion"), "fusion"), 0)
+                fuse(0)
             if "fusion_neg" in needs:
-                fuse(_need(student.find("fusion", 1), "fusion (negatives)"), 1)
+                fuse(1)
             if "decoder" in needs:
                 call = _need(student.find("decoder"), "decoder")
                 if getattr(model, "text_decoder", None) is None:
                     raise ConfigError(f"distill: the teacher ({type(model).__name__}) has no text decoder "
                                       f"for the decoder terms; use a teacher with one (blip_pretrain, blip_caption)")
-                idx = match_rows(call.encoder_hidden_states, student.image, "student decoder pass")
+                states, mask = self._decoder_memory(call, student, image_embeds, atts, fused, fuse)
                 model.text_decoder(call.input_ids, attention_mask=call.attention_mask,
-                                   encoder_hidden_states=image_embeds[idx], encoder_attention_mask=atts[idx],
-                                   return_dict=True)
+                                   encoder_hidden_states=states, encoder_attention_mask=mask, return_dict=True)
         return BlipOutputs(model, records)
+
+
+    @staticmethod
+    def _decoder_memory(call, student: Records, image_embeds, atts, fused: dict, fuse):
+        """What the teacher's decoder attends to: the teacher's image embeddings
+        (captioning, pre-training) or its fused question states (BLIP's VQA
+        answer decoder), row for row as the student's decoder saw them."""
+        ehs = call.encoder_hidden_states
+        try:
+            idx = match_rows(ehs, student.image, "student decoder pass")
+            return image_embeds[idx], atts[idx]
+        except DistillError:
+            question = student.find("fusion")
+            if question is None or question.output is None:
+                raise
+            idx = match_rows(ehs, question.output, "student decoder pass (question states)")
+            if 0 not in fused:
+                fuse(0)
+            return fused[0][idx], question.attention_mask[idx]
 
 
 def _need(call: Optional[Any], what: str):

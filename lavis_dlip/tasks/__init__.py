@@ -1,6 +1,11 @@
 """The plugin's tasks, registered with LAVIS on import."""
 
 from lavis_dlip.tasks.captioning import DlipCaptionTask
-from lavis_dlip.tasks.distill import DistillPretrainTask, DistillRetrievalTask
+from lavis_dlip.tasks.distill import (
+    DistillCaptionTask,
+    DistillPretrainTask,
+    DistillRetrievalTask,
+    DistillVQATask,
+)
 
-__all__ = ["DistillPretrainTask", "DistillRetrievalTask", "DlipCaptionTask"]
+__all__ = ["DistillCaptionTask", "DistillPretrainTask", "DistillRetrievalTask", "DistillVQATask", "DlipCaptionTask"]

@@ -6,7 +6,14 @@ from a frozen teacher (``distill`` section of the run yaml).
   ``dlip_retrieval`` (ITC, ITM). Validation and test splits that hold retrieval
   annotations are scored as zero-shot retrieval; others are skipped, as LAVIS's
   pre-training task does.
-* ``dlip_distill_retrieval``: LAVIS's retrieval task (fine-tuning, recall@k).
+* ``dlip_distill_retrieval``: LAVIS's retrieval task (fine-tuning, recall@k);
+  ITC/ITM distillation from a fine-tuned ``blip_retrieval`` teacher.
+* ``dlip_distill_captioning``: ``dlip_captioning`` (LAVIS's captioning task: COCO
+  metrics, local ground truth where given); LM-logit and decoder distillation
+  from a ``blip_caption`` teacher.
+* ``dlip_distill_vqa``: LAVIS's VQA task (VQA accuracy); answer-decoder
+  distillation from a ``blip_vqa`` teacher, whose decoder reads its own fused
+  question states.
 
 The teacher lives on the task, outside the model: it is not optimised, not
 wrapped in DDP and not checkpointed. With ``run.evaluate: True`` it is not built.
@@ -20,10 +27,12 @@ from typing import Optional
 from lavis.common.registry import registry
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.retrieval import RetrievalTask
+from lavis.tasks.vqa import VQATask
 
 from lavis_dlip.config import ConfigError
 from lavis_dlip.distill import ATTRIBUTE, Distiller, FrozenTeacher, build_terms, load_teacher
 from lavis_dlip.distill.teacher import check_compatible
+from lavis_dlip.tasks.captioning import DlipCaptionTask
 
 
 class DistillTaskMixin:
@@ -70,4 +79,14 @@ class DistillPretrainTask(DistillTaskMixin, ImageTextPretrainTask):
 
 @registry.register_task("dlip_distill_retrieval")
 class DistillRetrievalTask(DistillTaskMixin, RetrievalTask):
+    pass
+
+
+@registry.register_task("dlip_distill_captioning")
+class DistillCaptionTask(DistillTaskMixin, DlipCaptionTask):
+    pass
+
+
+@registry.register_task("dlip_distill_vqa")
+class DistillVQATask(DistillTaskMixin, VQATask):
     pass
