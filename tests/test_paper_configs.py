@@ -43,3 +43,59 @@ def test_pretraining_config_builds_offline_and_steps(cfg: Path):
                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
     loss, logged = task.train_step(student, samples)
     assert torch.isfinite(loss) and len(logged) == len(student.dlip_distill.terms)
+
+
+FINETUNE = sorted((REPO / "projects" / "dlip" / "finetune").glob("*.yaml"))
+EVAL = sorted((REPO / "projects" / "dlip" / "eval").glob("*.yaml"))
+TEACHERS = {  # config -> (LAVIS teacher class, model type, image size)
+    "retrieval_coco": ("BlipRetrieval", "coco", 384), "retrieval_flickr": ("BlipRetrieval", "flickr", 384),
+    "caption_coco": ("BlipCaption", "base_coco", 384), "vqav2": ("BlipVQA", "vqav2", 480),
+}
+
+
+def _samples(arch: str, size: int) -> dict:
+    batch = {"image": torch.randn(2, 3, size, size), "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+    if arch == "dlip_vqa":
+        return {**batch, "text_input": ["what is on the sofa?", "how many people are there?"],
+                "answer": ["dog", "a dog", "two"], "weight": torch.tensor([0.7, 0.3, 1.0]),
+                "n_answers": torch.tensor([2, 1])}
+    return {**batch, "text_input": ["a dog on a red sofa", "two people riding bikes"], "image_id": torch.tensor([0, 1])}
+
+
+def test_there_are_paper_scale_finetune_and_eval_configs():
+    assert {p.stem for p in FINETUNE} == set(TEACHERS)
+    assert {p.stem for p in EVAL} == {"retrieval_coco", "retrieval_flickr", "caption_coco", "caption_nocaps", "vqav2"}
+
+
+@pytest.mark.parametrize("cfg", FINETUNE, ids=lambda p: p.stem)
+def test_finetune_config_builds_offline_and_steps(cfg: Path):
+    from omegaconf import OmegaConf
+
+    import lavis_dlip  # noqa: F401
+    from lavis_dlip.distill.dry_run import build_random
+
+    raw = OmegaConf.load(cfg)
+    cls, model_type, size = TEACHERS[cfg.stem]
+    assert raw.distill.teacher.model_type == model_type and raw.model.init.teacher.startswith("https://")
+    task, student = build_random(str(cfg), tokenizer=OFFLINE_VOCAB)
+    assert type(task.teacher.model).__name__ == cls
+    assert student.visual_encoder.patch_embed.img_size == (size, size)
+    student.train()
+    loss, logged = task.train_step(student, _samples(raw.model.arch, size))
+    assert torch.isfinite(loss) and set(logged) == {f"loss_{t.key}" for t in student.dlip_distill.terms}
+
+
+@pytest.mark.parametrize("cfg", EVAL, ids=lambda p: p.stem)
+def test_eval_config_builds_the_student_offline(cfg: Path):
+    import lavis.tasks as tasks
+
+    import lavis_dlip  # noqa: F401
+    from lavis_dlip.config import load_config
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    config = load_config(str(cfg), [f"model.tokenizer={OFFLINE_VOCAB}"], evaluate=True)
+    assert config.run_cfg.evaluate and config.run_cfg.task in {"retrieval", "captioning", "vqa"}
+    task = tasks.setup_task(config)
+    with tokenizer_source(OFFLINE_VOCAB):
+        model = task.build_model(config)
+    assert type(model).__name__.startswith("Dlip") and not hasattr(model, "dlip_distill")
