@@ -5,6 +5,8 @@ queues) with every module sized from yaml. All forward, evaluation and
 from __future__ import annotations
 
 from lavis.common.registry import registry
+from lavis.models.blip_models.blip_feature_extractor import BlipFeatureExtractor
+from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
 from lavis_dlip.models.base import DlipModelMixin, preset_files
@@ -36,3 +38,9 @@ class DlipRetrieval(DlipModelMixin, BlipRetrieval):
         model.initialize(cfg)
         model.reset_queue_ptr()
         return model
+
+    # Inference on raw inputs, LAVIS's own code (it needs only modules a retrieval model has):
+    # match({"image", "text_input"}, match_head="itm" | "itc") -> ITM logits or ITC cosine;
+    # extract_features({"image", "text_input"}, mode="image" | "text" | "multimodal").
+    match = BlipITM.forward
+    extract_features = BlipFeatureExtractor.extract_features
