@@ -55,6 +55,43 @@ def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoi
     assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
 
 
+@pytest.mark.parametrize("name, arch, metrics, terms, kept", [
+    ("distill_caption", "dlip_caption", {"Bleu_4", "CIDEr", "METEOR", "ROUGE_L", "agg_metrics"},
+     {"lm", "lm_kd", "hidden_decoder", "attention_decoder_cross", "embed"}, "checkpoint_best.pth"),
+    ("distill_vqa", "dlip_vqa", {"agg_metrics", "other", "yes/no", "number"},
+     {"task", "lm_kd", "hidden_fusion", "hidden_decoder", "attention_decoder_cross"},
+     "checkpoint_1.pth"),  # no val split: one checkpoint per epoch, as LAVIS keeps them
+])
+def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, demo_test_data, name, arch, metrics,
+                                                                    terms, kept):
+    """Captioning and VQA: distilled with their decoder terms, scored with LAVIS's
+    metrics (COCO caption scores; VQA accuracy), reloaded for evaluation."""
+    from lavis.models import load_model
+
+    cfg = CONFIGS / f"{name}.yaml"
+    check(run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", cwd=tmp_path))
+    job = output_dirs(tmp_path / "run")[0]
+    test = read_metrics(job)["test"]
+    assert metrics <= set(test) and 0.0 < test["agg_metrics"]
+
+    logs = _train_logs(job)
+    assert {f"train_loss_{t}" for t in terms} <= set(logs[0])
+    # the student's decoder moves toward the (random, wider) teacher's states
+    assert float(logs[-1]["train_loss_hidden_decoder"]) < 0.7 * float(logs[0]["train_loss_hidden_decoder"])
+
+    best = job / kept
+    state = torch.load(best, map_location="cpu", weights_only=False)["model"]
+    student = load_model(arch, "test", checkpoint=str(best))
+    own = student.state_dict()
+    assert set(state) - set(own) == {k for k in state if k.startswith("dlip_distill.")} != set()
+    assert all(torch.equal(own[k], state[k]) for k in own)
+
+    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
+                    extra=["--checkpoint", str(best)])
+    check(again)
+    assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
+
+
 def test_distill_pretrain_keeps_teacher_frozen_and_out_of_the_runner(tmp_path, demo_test_data, monkeypatch):
     import lavis.tasks as tasks
     from lavis.common.registry import registry
