@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/distill_cost.py
 
 clean:
 	rm -rf output .pytest_cache
