@@ -26,9 +26,23 @@ def _train_logs(job) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith('{"train_')]
 
 
-def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoint):
+def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path) -> None:
+    """The checkpoint holds the student and its projections, nothing of the teacher;
+    LAVIS's load_model takes it, and re-evaluating it gives the run's test metrics."""
     from lavis.models import load_model
 
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    own = load_model(arch, "test", checkpoint=str(ckpt)).state_dict()
+    assert set(state) - set(own) == {k for k in state if k.startswith("dlip_distill.")} != set()
+    assert all(torch.equal(own[k], state[k]) for k in own)
+
+    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
+                    extra=["--checkpoint", str(ckpt)])
+    check(again)
+    assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
+
+
+def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoint):
     cfg = CONFIGS / "distill_retrieval.yaml"
     check(run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run",
                   f"distill.teacher.checkpoint={teacher_checkpoint}", cwd=tmp_path))
@@ -41,18 +55,7 @@ def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoi
     assert {f"train_loss_{t}" for t in terms} <= set(logs[0])
     assert float(logs[-1]["train_loss_itc_kd"]) < float(logs[0]["train_loss_itc_kd"])  # it learns from the teacher
 
-    # the checkpoint holds the student and its projections, nothing of the teacher
-    best = job / "checkpoint_best.pth"
-    state = torch.load(best, map_location="cpu", weights_only=False)["model"]
-    student = load_model("dlip_retrieval", "test", checkpoint=str(best))
-    own = student.state_dict()
-    assert set(state) - set(own) == {k for k in state if k.startswith("dlip_distill.")} != set()
-    assert all(torch.equal(own[k], state[k]) for k in own)
-
-    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
-                    extra=["--checkpoint", str(best)])
-    check(again)
-    assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
+    _check_student_checkpoint(cfg, job / "checkpoint_best.pth", "dlip_retrieval", test, tmp_path)
 
 
 @pytest.mark.parametrize("name, arch, metrics, terms, kept", [
@@ -66,8 +69,6 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
                                                                     terms, kept):
     """Captioning and VQA: distilled with their decoder terms, scored with LAVIS's
     metrics (COCO caption scores; VQA accuracy), reloaded for evaluation."""
-    from lavis.models import load_model
-
     cfg = CONFIGS / f"{name}.yaml"
     check(run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", cwd=tmp_path))
     job = output_dirs(tmp_path / "run")[0]
@@ -79,17 +80,7 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
     # the student's decoder moves toward the (random, wider) teacher's states
     assert float(logs[-1]["train_loss_hidden_decoder"]) < 0.7 * float(logs[0]["train_loss_hidden_decoder"])
 
-    best = job / kept
-    state = torch.load(best, map_location="cpu", weights_only=False)["model"]
-    student = load_model(arch, "test", checkpoint=str(best))
-    own = student.state_dict()
-    assert set(state) - set(own) == {k for k in state if k.startswith("dlip_distill.")} != set()
-    assert all(torch.equal(own[k], state[k]) for k in own)
-
-    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
-                    extra=["--checkpoint", str(best)])
-    check(again)
-    assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
+    _check_student_checkpoint(cfg, job / kept, arch, test, tmp_path)
 
 
 def test_distill_pretrain_keeps_teacher_frozen_and_out_of_the_runner(tmp_path, demo_test_data, monkeypatch):
