@@ -141,11 +141,9 @@ def run_task(task: str, data: Path, out: Path, options: Sequence[str], repeats: 
     stages["not distilled"] = train_student(cfgs["student"], out / "not_distilled", options)
 
     torch.manual_seed(0)
-    t0 = time.time()
     cost = timings({"teacher": load_trained(cfgs["teacher"], ckpt),
                     "distilled": load_trained(cfgs["distill"], stages["distilled"]["checkpoint"]),
                     "not distilled": load_trained(cfgs["student"], stages["not distilled"]["checkpoint"])}, repeats)
-    timing_s = time.time() - t0
     teacher_score = score(task, stages["teacher"]["test"])
     rows = []
     for name, stage in stages.items():
@@ -156,7 +154,6 @@ def run_task(task: str, data: Path, out: Path, options: Sequence[str], repeats: 
             "latency_ms": cost[name]["latency_ms"], "test": stage["test"], "score": value,
             "retained": 100.0 * value / teacher_score if teacher_score else None,
             "seconds": stage["seconds"], "cached": stage.get("cached", False), "trained_s": stage.get("trained_s"),
-            "timing_s": timing_s,
         })
     return rows
 
