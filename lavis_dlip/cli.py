@@ -71,6 +71,7 @@ def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
     from lavis.common.registry import registry
 
     from lavis_dlip import compat
+    from lavis_dlip.models.importance import calibration_batches, calibration_data
     from lavis_dlip.models.tokenizer import tokenizer_source
 
     if evaluate:
@@ -83,7 +84,8 @@ def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
 
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
-    with tokenizer_source(cfg.model_cfg.get("tokenizer")):
+    batches = calibration_batches(cfg.model_cfg.get("init"), datasets, cfg.run_cfg.get("seed", 42))
+    with tokenizer_source(cfg.model_cfg.get("tokenizer")), calibration_data(batches):
         model = task.build_model(cfg)
 
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
@@ -100,7 +102,7 @@ def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
 
 def main_guard(fn) -> int:
     """Print configuration and data errors as one clear line, without a traceback."""
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
     from lavis_dlip.datasets.validate import DataError
     from lavis_dlip.models.tokenizer import TokenizerNotFoundError
 

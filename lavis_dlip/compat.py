@@ -228,6 +228,29 @@ def random_weights() -> Iterator[None]:
             cls.from_config = original
 
 
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Models built inside allocate no memory (their layout only, e.g. a teacher's
+    shape for inheritance). ``torch.device("meta")`` alone fails on LAVIS's ViT,
+    which reads its drop-path rates back with ``.item()`` (vit.py:224-226), so
+    ``torch.linspace`` stays on the CPU; every other new tensor goes to meta."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    constructors = _device_constructors() - {torch.linspace}
+
+    class Meta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in constructors and kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    with Meta():
+        yield
+
+
 def apply() -> None:
     """Apply every fix once. torchvision must be fixed before LAVIS is imported."""
     global _APPLIED

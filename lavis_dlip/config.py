@@ -10,25 +10,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from lavis_dlip.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A run config or model config is invalid; the message names the key."""
-
-
-def check_keys(given: Mapping, allowed: Iterable[str], where: str) -> None:
-    """Reject keys not in ``allowed``, suggesting the closest valid one."""
-    allowed = list(allowed)
-    for key in given:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{where}.{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown key '{where}.{key}'{hint}; allowed: {', '.join(sorted(allowed))}"
-            )
+__all__ = ["ConfigError", "load_config", "validate"]
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -93,27 +81,18 @@ def validate(raw, cfg_path: str, evaluate: bool = False) -> None:
         raise ConfigError(
             f"{where} run.lr_sched '{run.lr_sched}' is not a registered scheduler.{_suggest(run.lr_sched, scheds)}"
         )
-    if str(run.task).startswith("dlip_distill") or raw.get("distill") is not None:
-        _validate_distill(raw.get("distill"), run.task, where, os.path.dirname(os.path.abspath(cfg_path)))
+    task_cls = tasks[run.task]
+    if hasattr(task_cls, "validate_config"):  # a task checks its own sections (distill, runner)
+        try:
+            task_cls.validate_config(raw, base_dir=os.path.dirname(os.path.abspath(cfg_path)))
+        except ConfigError as err:
+            raise ConfigError(f"{where} {err}") from None
+    elif raw.get("distill") is not None:
+        raise ConfigError(f"{where} a 'distill' section is given but run.task '{run.task}' does not distill; "
+                          f"use a dlip_distill_* task (docs/distillation.md)")
     device = str(run.get("device", "auto"))
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ConfigError(f"{where} run.device '{device}' must be one of {', '.join(DEVICES)}")
-
-
-def _validate_distill(distill, task: str, where: str, base_dir: str) -> None:
-    from lavis_dlip.distill import validate_terms
-    from lavis_dlip.distill.teacher import teacher_model_config
-
-    if distill is None:
-        raise ConfigError(f"{where} run.task '{task}' needs a top-level 'distill' section with teacher and terms")
-    check_keys(distill, ("teacher", "terms", "base_dir"), "distill")
-    if distill.get("teacher") is None:
-        raise ConfigError(f"{where} missing key 'distill.teacher'")
-    try:
-        teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
-        validate_terms(distill.get("terms"))
-    except ConfigError as err:
-        raise ConfigError(f"{where} {err}") from None
 
 
 def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False):

@@ -22,8 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-MODULES = ("vision", "text", "fusion", "decoder", "heads")
-HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
+from lavis_dlip.models.layout import MODULES, module_layout
+
 CAPTION_TOKENS = 20  # tokens decoded per caption (prompt included), beam 3
 ANSWER_TOKENS = 10  # tokens decoded per VQA answer, beam 3
 
@@ -43,7 +43,7 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     from omegaconf import OmegaConf
 
     from lavis_dlip import compat
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
     from lavis_dlip.models.tokenizer import tokenizer_source
 
     arch, _, model_type = spec.partition(":")
@@ -67,31 +67,14 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     return model.eval()
 
 
-def module_of(key: str, model) -> Optional[str]:
-    """The module a parameter belongs to; None for what inference does not use."""
-    top = key.split(".")[0]
-    if top.endswith("_m") or "queue" in top:
-        return None
-    if top == "visual_encoder":
-        return "vision"
-    if top == "text_decoder":
-        return "decoder"
-    if top in HEADS:
-        return "heads"
-    if top == "text_encoder":
-        split = getattr(model.text_encoder.config, "fusion_layer", None)
-        if ".crossattention." in key:
-            return "fusion"
-        if split is not None and key.startswith("text_encoder.encoder.layer."):
-            return "fusion" if int(key.split(".")[3]) >= split else "text"
-        return "text"
-    return "heads"
-
-
 def count_params(model) -> dict[str, int]:
+    """Parameters per module (``models/layout.py``); momentum copies and queues excluded."""
+    from lavis_dlip.models.layout import layouts, module_of
+
+    found = layouts(model)
     out = {m: 0 for m in MODULES}
     for key, p in model.named_parameters():
-        m = module_of(key, model)
+        m = module_of(key, model, found)
         if m:
             out[m] += p.numel()
     out["total"] = sum(out[m] for m in MODULES)
@@ -184,11 +167,11 @@ class Workloads:
 
 
 def _shares_layers(model) -> bool:
-    return getattr(model.text_encoder.config, "fusion_layer", None) is None
+    return module_layout(model, "fusion").part == "cross"  # BLIP: cross-attention inside the text layers
 
 
 def _decoder_reads_image(model) -> bool:
-    return model.text_decoder.config.encoder_width == getattr(model.visual_encoder, "vision_width", -1)
+    return module_layout(model, "decoder").cross_stream == "vision"
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -23,7 +23,7 @@ def _load(path, *options):
 
 
 def test_invalid_yaml_names_the_file(tmp_path):
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
 
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  arch: [unclosed\n")
@@ -47,7 +47,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
     ],
 )
 def test_bad_names_and_keys(tmp_path, edit, message):
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
 
     path = _write(tmp_path, edit)
     with pytest.raises(ConfigError) as err:
@@ -57,7 +57,7 @@ def test_bad_names_and_keys(tmp_path, edit, message):
 
 
 def test_unknown_dataset_builder(tmp_path):
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
 
     def edit(c):
         c.datasets["dlip_local_retreival"] = c.datasets.pop("dlip_local_retrieval")
@@ -70,7 +70,7 @@ def test_unknown_model_keys_are_named():
     import lavis_dlip  # noqa: F401
     from lavis.common.registry import registry
 
-    from lavis_dlip.config import ConfigError
+    from lavis_dlip.errors import ConfigError
 
     cls = registry.get_model_class("dlip_retrieval")
     base = OmegaConf.load(cls.default_config_path("test")).model

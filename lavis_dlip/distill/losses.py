@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavis_dlip.config import ConfigError, check_keys
-from lavis_dlip.distill.capture import KINDS, STREAMS, Point, stream_layers, stream_width
+from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.models.layout import select_layers, stream_layers, stream_width
+from lavis_dlip.distill.capture import KINDS, STREAMS, Point
 from lavis_dlip.distill.outputs import BlipOutputs
 
 TERMS: dict[str, type[LossTerm]] = {}
@@ -244,28 +245,26 @@ class EmbeddingDistill(LossTerm):
         return torch.stack(losses).mean()
 
 
-def layer_map(spec: Union[str, Mapping, None], n_student: int, n_teacher: int, where: str) -> dict[int, int]:
-    """Student layer -> teacher layer: ``uniform`` (student layer i learns from
-    teacher layer round((i+1) T / S) - 1, so last meets last), ``last``, or an explicit
-    ``{student: teacher}`` mapping (negative indices count from the end)."""
+def layer_map(spec: Union[str, Mapping, list, None], student: nn.Module, teacher: nn.Module, stream: str,
+              where: str) -> dict[int, int]:
+    """Student layer -> teacher layer of one stream: the words, lists and mappings of
+    ``layout.select_layers`` (the same meaning as in ``model.init``; a mapping may name
+    only some student layers, e.g. ``{-1: -1}``), or ``from_init``: the layers the
+    student's ``model.init`` copied into this stream."""
+    n_student, n_teacher = len(stream_layers(student, stream)), len(stream_layers(teacher, stream))
     if n_student == 0 or n_teacher == 0:
         raise ConfigError(f"{where}: the student ({n_student}) or teacher ({n_teacher}) has no layers in this stream")
-    spec = "uniform" if spec is None else spec
-    if spec == "uniform":
-        return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
-    if spec == "last":
-        return {n_student - 1: n_teacher - 1}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}.layers: expected uniform, last or a {{student: teacher}} mapping, got {spec!r}")
-    mapping = {}
-    for s, t in spec.items():
-        s, t = int(s), int(t)
-        s, t = s + n_student if s < 0 else s, t + n_teacher if t < 0 else t
-        if not (0 <= s < n_student and 0 <= t < n_teacher):
-            raise ConfigError(f"{where}.layers: {s}: {t} is out of range (student has {n_student} layers, "
-                              f"teacher {n_teacher})")
-        mapping[s] = t
-    return mapping
+    if spec == "from_init":
+        report = getattr(student, "init_report", None)
+        chosen = report.layers.get(stream) if report is not None else None
+        if not chosen:
+            raise ConfigError(f"{where}.layers: from_init, but model.init did not fill the {stream} module from a "
+                              f"source; give first, last, uniform, a list or a mapping")
+        if report.source_depth[stream] != n_teacher:
+            raise ConfigError(f"{where}.layers: from_init, but model.init's {stream} source has "
+                              f"{report.source_depth[stream]} layers and the teacher {n_teacher}; give the layers")
+        return dict(enumerate(chosen))
+    return select_layers(spec, n_student, n_teacher, where, complete=False)
 
 
 class _LayerTerm(LossTerm):
@@ -278,8 +277,8 @@ class _LayerTerm(LossTerm):
         self.stream = _choice(cfg, "stream", STREAMS, "", where)
         kinds = tuple(k for k in KINDS[self.stream] if k in self.KINDS)
         self.kind = _choice(cfg, "kind", kinds, kinds[0], where)
-        self.mapping = layer_map(cfg.get("layers"), len(stream_layers(student, self.stream)),
-                                 len(stream_layers(teacher, self.stream)), where)
+        self.layers_spec = cfg.get("layers")
+        self.mapping = layer_map(self.layers_spec, student, teacher, self.stream, where)
         self.needs = frozenset() if self.stream == "vision" else frozenset({self.stream})
 
     def default_key(self, cfg):

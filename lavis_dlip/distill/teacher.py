@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lavis_dlip import compat
-from lavis_dlip.config import ConfigError, check_keys
+from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, DistillError, match_rows
 
@@ -34,26 +34,27 @@ TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "lo
 logger = logging.getLogger(__name__)
 
 
-def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".") -> Any:
-    """The teacher's model config (validated, nothing built)."""
+def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".", where: str = "distill.teacher") -> Any:
+    """The teacher's model config (validated, nothing built); ``where`` names the
+    yaml section in errors (``distill.teacher`` or ``model.init.teacher``)."""
     from lavis.common.registry import registry
 
-    check_keys(cfg, TEACHER_KEYS, "distill.teacher")
+    check_keys(cfg, TEACHER_KEYS, where)
     if cfg.get("cfg_path"):
         path = cfg["cfg_path"] if os.path.isabs(cfg["cfg_path"]) else os.path.join(base_dir, cfg["cfg_path"])
         if not os.path.isfile(path):
-            raise ConfigError(f"distill.teacher.cfg_path: file not found: {path}")
+            raise ConfigError(f"{where}.cfg_path: file not found: {path}")
         model_cfg = OmegaConf.load(path).get("model")
         if model_cfg is None:
-            raise ConfigError(f"distill.teacher.cfg_path: {path} has no 'model' section")
+            raise ConfigError(f"{where}.cfg_path: {path} has no 'model' section")
     else:
         model_cfg = OmegaConf.create({k: cfg.get(k) for k in ("arch", "model_type")})
     arch, model_type = model_cfg.get("arch"), model_cfg.get("model_type")
     model_cls = registry.get_model_class(arch) if arch else None
     if model_cls is None:
-        raise ConfigError(f"distill.teacher.arch: '{arch}' is not a registered LAVIS model")
+        raise ConfigError(f"{where}.arch: '{arch}' is not a registered LAVIS model")
     if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
-        raise ConfigError(f"distill.teacher.model_type: '{model_type}' is not a type of '{arch}'; "
+        raise ConfigError(f"{where}.model_type: '{model_type}' is not a type of '{arch}'; "
                           f"known: {', '.join(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
     preset = OmegaConf.load(model_cls.default_config_path(model_type)).model
     merged = OmegaConf.merge(preset, model_cfg, OmegaConf.create(dict(cfg.get("overrides") or {})))

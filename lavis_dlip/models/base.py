@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from lavis_dlip.config import ConfigError, check_keys
+from lavis_dlip.errors import ConfigError, check_keys
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 
-from lavis_dlip.config import ConfigError, check_keys
+from lavis_dlip.errors import ConfigError, check_keys
 
 VISION_DEFAULTS: dict[str, Any] = {
     "image_size": 384,

@@ -10,7 +10,7 @@ from lavis.common.registry import registry
 from lavis.models.blip_models.blip_pretrain import BlipPretrain
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
-from lavis_dlip.config import ConfigError
+from lavis_dlip.errors import ConfigError
 from lavis_dlip.models.base import DlipModelMixin, preset_files
 from lavis_dlip.models.components import (
     build_text_decoder,

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from lavis_dlip import compat
-from lavis_dlip.config import ConfigError
+from lavis_dlip.errors import ConfigError
 from lavis_dlip.runners import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.retrieval import RetrievalTask
 from lavis.tasks.vqa import VQATask
 
-from lavis_dlip.config import ConfigError
 from lavis_dlip.distill import ATTRIBUTE, Distiller, FrozenTeacher, build_terms, load_teacher
 from lavis_dlip.distill.teacher import check_compatible
+from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
 
 
@@ -39,6 +39,26 @@ class DistillTaskMixin:
     """Left of a LAVIS task: builds the teacher and terms, runs the distillation step."""
 
     teacher: Optional[FrozenTeacher] = None
+    RUNNER = "runner_dlip"  # its train step returns (loss, terms) and it places the teacher
+
+    @classmethod
+    def validate_config(cls, raw, base_dir: str) -> None:
+        """The ``distill`` section and the runner, checked before anything is built."""
+        from lavis_dlip.distill import validate_terms
+        from lavis_dlip.distill.teacher import teacher_model_config
+
+        task, runner = raw.run.task, raw.run.get("runner", "runner_base")
+        if runner != cls.RUNNER:
+            raise ConfigError(f"run.runner '{runner}' cannot run run.task '{task}': distillation needs "
+                              f"run.runner: {cls.RUNNER} (LAVIS's runners expect a bare loss and know no teacher)")
+        distill = raw.get("distill")
+        if distill is None:
+            raise ConfigError(f"run.task '{task}' needs a top-level 'distill' section with teacher and terms")
+        check_keys(distill, ("teacher", "terms", "base_dir"), "distill")
+        if distill.get("teacher") is None:
+            raise ConfigError("missing key 'distill.teacher'")
+        teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
+        validate_terms(distill.get("terms"))
 
     def build_model(self, cfg):
         model = super().build_model(cfg)
