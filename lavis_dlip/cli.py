@@ -65,7 +65,9 @@ def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool =
     return run_config(cfg, evaluate=evaluate)
 
 
-def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
+def build_runner(cfg, evaluate: bool = False):
+    """LAVIS's train.py up to the runner: process group, seeds, logger, task, data,
+    model (with calibration batches when ``model.init`` ranks by activation), runner."""
     import lavis.tasks as tasks
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
@@ -89,7 +91,11 @@ def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
         model = task.build_model(cfg)
 
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
-    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
+    runner = build_runner(cfg, evaluate)
     if evaluate:
         result = runner.evaluate(skip_reload=True) or {}
         if hasattr(runner, "_write_metrics"):

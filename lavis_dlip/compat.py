@@ -95,18 +95,22 @@ def fix_cache_root() -> str:
 # --------------------------------------------------------------------------- tokenizer
 def route_blip_tokenizer() -> None:
     """``BlipBase.init_tokenizer`` hard-codes ``bert-base-uncased`` from the hub
-    (models/blip_models/blip.py:21). Route it through lavis_dlip's resolver, which
-    honours ``model.tokenizer`` and gives a clear error offline; the default is
-    unchanged."""
+    (models/blip_models/blip.py:21). A model that names a tokenizer
+    (``model.tokenizer``, ``distill.teacher.overrides.tokenizer``: the builder wraps
+    it in ``tokenizer_source``) or a process that sets ``$LAVIS_DLIP_TOKENIZER``
+    gets lavis_dlip's resolver (local vocab files, clear error offline); every
+    other BLIP model in the process keeps LAVIS's own loader, untouched."""
     from lavis.models.blip_models.blip import BlipBase
 
-    from lavis_dlip.models.tokenizer import init_blip_tokenizer
+    from lavis_dlip.models.tokenizer import asked_source, init_blip_tokenizer
 
     if getattr(BlipBase.init_tokenizer, "_dlip", False):
         return
+    original = BlipBase.init_tokenizer.__func__
 
     def init_tokenizer(cls):
-        return init_blip_tokenizer()
+        source = asked_source()
+        return init_blip_tokenizer(source) if source else original(cls)
 
     init_tokenizer._dlip = True  # type: ignore[attr-defined]
     BlipBase.init_tokenizer = classmethod(init_tokenizer)

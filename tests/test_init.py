@@ -219,3 +219,56 @@ def test_missing_source_key_is_an_error(tmp_path, deep_teacher):
     cls, cfg = _cfg("dlip_retrieval", init={"teacher": str(path), "vision": "teacher"})
     with pytest.raises(ConfigError, match="the source has no key 'visual_encoder.blocks.0.attn.qkv.bias'"):
         cls.from_config(cfg)
+
+
+def test_activation_criterion_ranks_by_what_the_teacher_computes(wide_teacher):
+    """An FFN unit with large weights that GELU always silences: ``magnitude`` keeps it,
+    ``activation`` (measured on calibration batches) drops it."""
+    from lavis_dlip.models.importance import calibration_data
+
+    teacher, path = wide_teacher
+    ckpt = torch.load(path, weights_only=False)
+    t = {k: v.clone() for k, v in ckpt["model"].items()}
+    fc1 = "visual_encoder.blocks.0.mlp.fc1"
+    t[fc1 + ".weight"][7] *= 100.0
+    t[fc1 + ".bias"][7] = -1e4  # pre-activation far below zero on every input: GELU gives 0
+    torch.save({**ckpt, "model": t}, path + ".dead")
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 64, 64, generator=gen), "image_id": torch.arange(4),
+                "text_input": ["a red circle", "two blue squares", "a green triangle", "one yellow star"],
+                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1} for _ in range(2)]
+
+    def kept_dead_unit(criterion: str) -> bool:
+        cls, cfg = _cfg("dlip_retrieval", init={"teacher": path + ".dead", "criterion": criterion,
+                                                 "vision": "teacher_reduced"})
+        with calibration_data(batches):
+            s = cls.from_config(cfg).state_dict()
+        return bool((s[fc1 + ".bias"] == -1e4).any())
+
+    assert kept_dead_unit("magnitude") and not kept_dead_unit("activation")
+    cls, cfg = _cfg("dlip_retrieval", init={"teacher": path, "criterion": "activation", "vision": "teacher_reduced"})
+    with pytest.raises(ConfigError, match="criterion 'activation' needs calibration batches"):
+        cls.from_config(cfg)
+
+
+def test_calibration_batches_come_from_the_train_split():
+    from lavis_dlip.models.importance import calibration_batches
+
+    class Records:
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 4, 4), float(i)), "text_input": f"record {i}"}
+
+        def collater(self, samples):
+            return {"image": torch.stack([s["image"] for s in samples]), "text_input": [s["text_input"] for s in samples]}
+
+    init = {"criterion": "activation", "calibration": {"batches": 3, "batch_size": 5}, "vision": "teacher_reduced"}
+    batches = calibration_batches(init, {"pairs": {"train": Records(), "val": None}}, seed=1)
+    assert len(batches) == 3 and all(b["image"].shape == (5, 3, 4, 4) and b["epoch"] == 0 for b in batches)
+    seen = [int(x) for b in batches for x in b["image"][:, 0, 0, 0]]
+    assert len(set(seen)) == 15 and seen != list(range(15))  # 15 distinct records, drawn at random
+    again = calibration_batches(init, {"pairs": {"train": Records()}}, seed=1)
+    assert [t for b in again for t in b["text_input"]] == [f"record {i}" for i in seen]  # and reproducibly
+    assert calibration_batches({"vision": "teacher_reduced"}, {"pairs": {"train": Records()}}) is None

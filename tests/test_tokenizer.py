@@ -54,3 +54,20 @@ def test_lavis_blip_classes_use_the_configured_source(monkeypatch):
     assert len(BlipBase.init_tokenizer()) == 30524
     monkeypatch.delenv("LAVIS_DLIP_TOKENIZER")
     assert current_source() == "bert-base-uncased"  # LAVIS's default is unchanged
+
+
+def test_models_that_ask_for_nothing_get_lavis_own_loader(monkeypatch):
+    """The route is scoped: without a source, LAVIS's init_tokenizer runs as shipped."""
+    import lavis_dlip  # noqa: F401
+    import transformers
+    from lavis.models.blip_models.blip import BlipBase
+
+    calls, offline = [], init_blip_tokenizer(OFFLINE_VOCAB)  # loaded (and cached) before the patch
+    monkeypatch.delenv("LAVIS_DLIP_TOKENIZER", raising=False)
+    monkeypatch.setattr(transformers.BertTokenizer, "from_pretrained",
+                        classmethod(lambda cls, name, *a, **k: calls.append(name) or offline))
+    BlipBase.init_tokenizer()
+    assert calls == ["bert-base-uncased"]  # LAVIS's call, exactly as blip.py makes it
+    with tokenizer_source(OFFLINE_VOCAB):
+        BlipBase.init_tokenizer()
+    assert calls == ["bert-base-uncased"]  # the asked-for source did not go through LAVIS's loader

@@ -22,7 +22,7 @@ CASES = {
 def test_train_beats_untrained_and_evaluate_reloads(tmp_path, demo_test_data, name):
     metric, reported = CASES[name]
     cfg = CONFIGS / f"{name}.yaml"
-    extra = ["run.max_epoch=4"] if name == "retrieval" else []
+    extra = ["run.max_epoch=4", "run.best_metric=r_mean"] if name == "retrieval" else []
 
     untrained = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/untrained", cwd=tmp_path)
     check(untrained)
@@ -41,6 +41,10 @@ def test_train_beats_untrained_and_evaluate_reloads(tmp_path, demo_test_data, na
     assert logs and all(float(entry["train_loss"]) > 0 for entry in logs)
     if name == "retrieval":
         assert {"train_loss_itc", "train_loss_itm"} <= set(logs[0])
+        # run.best_metric picked checkpoint_best.pth: the epoch with the best mean of all recalls
+        val = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"val_')]
+        best = max(range(len(val)), key=lambda e: (float(val[e]["val_r_mean"]), -e))
+        assert read_metrics(job)["best_metric"] == "r_mean" and read_metrics(job)["best_epoch"] == best
     assert (job / "checkpoint_latest.pth").is_file()
 
     # evaluate a checkpoint of that run: LAVIS's evaluation code, the same numbers

@@ -42,8 +42,13 @@ def tokenizer_source(source: Optional[str]) -> Iterator[None]:
             _SOURCE.reset(token)
 
 
+def asked_source() -> Optional[str]:
+    """The source a model or the process asked for (None: nobody asked)."""
+    return _SOURCE.get() or os.environ.get(ENV_VAR) or None
+
+
 def current_source() -> str:
-    return _SOURCE.get() or os.environ.get(ENV_VAR) or DEFAULT_TOKENIZER
+    return asked_source() or DEFAULT_TOKENIZER
 
 
 def resolve_source(source: str) -> str:

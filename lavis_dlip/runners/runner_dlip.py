@@ -84,6 +84,12 @@ class RunnerDlip(RunnerBase):
         return self._device
 
     @property
+    def best_metric(self) -> str:
+        """The validation metric that picks ``checkpoint_best.pth`` (``run.best_metric``;
+        LAVIS's ``agg_metrics`` by default, e.g. ``r_mean`` for retrieval's mean of all recalls)."""
+        return str(self.config.run_cfg.get("best_metric", "agg_metrics"))
+
+    @property
     def use_distributed(self) -> bool:
         return bool(self.config.run_cfg.get("distributed", False))
 
@@ -240,6 +246,7 @@ class RunnerDlip(RunnerBase):
         """Train, validate, checkpoint and test; returns ``{split: metrics}`` of the test splits."""
         start = time.time()
         self.log_config()
+        self.log_stats({"world_size": get_world_size(), "device": str(self.device)}, "run")
         if not self.evaluate_only and self.resume_ckpt_path:
             self._load_checkpoint(self.resume_ckpt_path)
         if not self.evaluate_only and len(self.train_loader) == 0:
@@ -256,10 +263,12 @@ class RunnerDlip(RunnerBase):
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
                 if val_log is None or not is_main_process():
                     continue
-                if "agg_metrics" not in val_log:
-                    raise RuntimeError(f"task {type(self.task).__name__} reported no agg_metrics for '{split_name}'")
-                if split_name == "val" and val_log["agg_metrics"] > self.best_agg_metric:
-                    self.best_agg_metric, self.best_epoch = val_log["agg_metrics"], cur_epoch
+                metric = self.best_metric
+                if metric not in val_log:
+                    raise ConfigError(f"run.best_metric '{metric}' is not a metric of split '{split_name}' "
+                                      f"(task {type(self.task).__name__} reports: {', '.join(sorted(val_log))})")
+                if split_name == "val" and val_log[metric] > self.best_agg_metric:
+                    self.best_agg_metric, self.best_epoch = val_log[metric], cur_epoch
                     if not self.evaluate_only:
                         self._save_checkpoint(cur_epoch, is_best=True)
                 val_log.update({"best_epoch": self.best_epoch})
@@ -382,6 +391,7 @@ class RunnerDlip(RunnerBase):
             return
         metrics = {
             "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric,
             "best_val_agg_metrics": None if self.best_epoch is None else self.best_agg_metric,
             **{k: _jsonable(v) for k, v in test_logs.items()},
         }
