@@ -262,7 +262,8 @@ def test_calibration_batches_come_from_the_train_split():
             return {"image": torch.full((3, 4, 4), float(i)), "text_input": f"record {i}"}
 
         def collater(self, samples):
-            return {"image": torch.stack([s["image"] for s in samples]), "text_input": [s["text_input"] for s in samples]}
+            return {"image": torch.stack([s["image"] for s in samples]),
+                    "text_input": [s["text_input"] for s in samples]}
 
     init = {"criterion": "activation", "calibration": {"batches": 3, "batch_size": 5}, "vision": "teacher_reduced"}
     batches = calibration_batches(init, {"pairs": {"train": Records(), "val": None}}, seed=1)
