@@ -27,7 +27,7 @@ from torch import nn
 from lavis_dlip import compat
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
-from lavis_dlip.distill.outputs import BlipOutputs, DistillError, match_rows
+from lavis_dlip.distill.outputs import BlipOutputs, match_rows
 
 TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
 
@@ -137,23 +137,20 @@ class FrozenTeacher:
         return BlipOutputs(model, records)
 
 
-    @staticmethod
-    def _decoder_memory(call, student: Records, image_embeds, atts, fused: dict, fuse):
-        """What the teacher's decoder attends to: the teacher's image embeddings
-        (captioning, pre-training) or its fused question states (BLIP's VQA
-        answer decoder), row for row as the student's decoder saw them."""
-        ehs = call.encoder_hidden_states
-        try:
-            idx = match_rows(ehs, student.image, "student decoder pass")
+    def _decoder_memory(self, call, student: Records, image_embeds, atts, fused: dict, fuse):
+        """What the teacher's decoder attends to, as ``models/layout.py`` says: the
+        teacher's image embeddings (captioning, pre-training) or its fused question
+        states (BLIP's VQA answer decoder), row for row as the student's decoder saw them."""
+        from lavis_dlip.models.layout import module_layout
+
+        if module_layout(self.model, "decoder").cross_stream == "vision":
+            idx = match_rows(call.encoder_hidden_states, student.image, "student decoder pass")
             return image_embeds[idx], atts[idx]
-        except DistillError:
-            question = student.find("fusion")
-            if question is None or question.output is None:
-                raise
-            idx = match_rows(ehs, question.output, "student decoder pass (question states)")
-            if 0 not in fused:
-                fuse(0)
-            return fused[0][idx], question.attention_mask[idx]
+        question = _need(student.find("fusion"), "fused question")
+        idx = match_rows(call.encoder_hidden_states, question.output, "student decoder pass (question states)")
+        if 0 not in fused:
+            fuse(0)
+        return fused[0][idx], question.attention_mask[idx]
 
 
 def _need(call: Optional[Any], what: str):
