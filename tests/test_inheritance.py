@@ -70,6 +70,33 @@ def _check_attention(s: dict, t: dict, dst: str, src: str, idx, n_heads: int, he
     assert torch.equal(s[dst + "output.LayerNorm.weight"], t[src + "output.LayerNorm.weight"][idx])
 
 
+def _every_loaded_tensor_comes_from_its_source(student, sources: dict) -> None:
+    """Each (student key, source key) the report lists: every student value is a value
+    of that very source tensor (random values are distinct, so this pins the source
+    tensor and layer), and no tensor the report calls random is a copy."""
+    s = student.state_dict()
+    for module, pairs in student.init_report.loaded.items():
+        assert pairs, module
+        for dst, src in pairs:
+            state, key = (sources["vision"], src.removeprefix("visual_encoder.")) if module == "vision" else \
+                (sources["teacher"], src)
+            assert torch.isin(s[dst], state[key]).all(), (dst, src)
+    for keys in student.init_report.random.values():
+        for key in keys:
+            assert not torch.isin(s[key], sources["teacher"][key]).any(), key
+
+
+def _fits_the_paper(task, student, max_ratio: float) -> None:
+    """BLIP-base at 224 px teaches; the student is the paper's size; every DLIP term is on."""
+    from lavis_dlip.report import count_params
+
+    teacher = task.teacher.model
+    assert type(teacher).__name__ == "BlipPretrain" and teacher.visual_encoder.patch_embed.img_size == (224, 224)
+    assert count_params(student)["total"] / count_params(teacher)["total"] < max_ratio
+    names = {t.NAME for t in student.dlip_distill.terms}
+    assert names >= {"itc", "itm", "lm", "itc_kd", "itm_kd", "lm_kd", "hidden", "attention", "embed"}
+
+
 def _terms_follow_init(student) -> None:
     report = student.init_report
     for term in student.dlip_distill.terms:
@@ -83,6 +110,7 @@ def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoint
     report, s = student.init_report, student.state_dict()
     assert report.layers == {"vision": UNIFORM_12[11], "text": UNIFORM_12[6], "fusion": UNIFORM_12[6],
                              "decoder": UNIFORM_12[6]}
+    _every_loaded_tensor_comes_from_its_source(student, {"teacher": t, "vision": deit})
 
     # vision: DeiT-S blocks, evenly spread, copied whole (same width and heads)
     for j, i in enumerate(UNIFORM_12[11]):
@@ -123,6 +151,7 @@ def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoint
     assert {"vision_proj.weight", "vision_proj.bias"} <= set(report.random["heads"])
 
     # distillation terms follow the init's layers; the ViT attention term reads the last layers only
+    _fits_the_paper(task, student, 0.25)
     _terms_follow_init(student)
     vision_attn = [x for x in student.dlip_distill.terms if x.NAME == "attention" and x.stream == "vision"]
     assert vision_attn[0].mapping == {10: 11}
@@ -136,14 +165,21 @@ def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoint
 
 def test_small_copies_the_text_layers_it_keeps(checkpoints):
     (t, _), (deit, _) = checkpoints
-    _task, student = _build("distill_base_to_small", checkpoints)
+    task, student = _build("distill_base_to_small", checkpoints)
     report, s = student.init_report, student.state_dict()
     assert report.layers == {"vision": UNIFORM_12[12], "text": UNIFORM_12[7], "fusion": UNIFORM_12[7],
                              "decoder": UNIFORM_12[7]}
+    _every_loaded_tensor_comes_from_its_source(student, {"teacher": t, "vision": deit})
     for j, i in enumerate(UNIFORM_12[7]):  # same width: whole layers
         for name in ("attention.self.query.weight", "output.dense.weight", "crossattention.self.query.weight"):
             assert torch.equal(s[f"text_encoder.encoder.layer.{j}.{name}"], t[f"text_encoder.encoder.layer.{i}.{name}"])
         assert f"text_encoder.encoder.layer.{j}.crossattention.self.key.weight" in report.random["fusion"]
     assert torch.equal(s["visual_encoder.blocks.5.attn.qkv.weight"], deit["blocks.5.attn.qkv.weight"])
     assert torch.equal(s["text_proj.weight"], t["text_proj.weight"]) and "vision_proj.weight" in report.random["heads"]
+    _fits_the_paper(task, student, 0.55)
     _terms_follow_init(student)
+    student.train()
+    samples = {"image": torch.randn(2, 3, 224, 224), "text_input": ["a dog on a red sofa", "two people riding"],
+               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+    loss, logged = task.train_step(student, samples)
+    assert torch.isfinite(loss) and len(logged) == len(student.dlip_distill.terms)

@@ -273,3 +273,27 @@ def test_calibration_batches_come_from_the_train_split():
     again = calibration_batches(init, {"pairs": {"train": Records()}}, seed=1)
     assert [t for b in again for t in b["text_input"]] == [f"record {i}" for i in seen]  # and reproducibly
     assert calibration_batches({"vision": "teacher_reduced"}, {"pairs": {"train": Records()}}) is None
+
+
+def test_teacher_shape_must_be_known_and_heads_must_fit(tmp_path, deep_teacher, wide_teacher):
+    teacher, _ = deep_teacher
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": teacher.state_dict()}, bare)  # as LAVIS ships BLIP: weights, no config
+    cls, cfg = _cfg("dlip_retrieval", init={"teacher": str(bare), "vision": "teacher"})
+    with pytest.raises(ConfigError, match=r"does not record the model it was saved from .* \{arch, model_type, "
+                                          r"checkpoint\}"):
+        cls.from_config(cfg)
+    # the same file with its model named explicitly works
+    cls, cfg = _cfg("dlip_retrieval", init={"vision": "teacher", "teacher": {
+        "arch": "dlip_retrieval", "model_type": "test", "checkpoint": str(bare),
+        "overrides": {"vision": {"depth": 4}, "text": {"layers": 4}}}})
+    student = cls.from_config(cfg)
+    assert student.init_report.layers["vision"] == [0, 3]  # uniform, 4 -> 2
+    assert torch.equal(student.state_dict()["visual_encoder.blocks.1.attn.qkv.weight"],
+                       teacher.state_dict()["visual_encoder.blocks.3.attn.qkv.weight"])
+    # a student with more heads than the teacher cannot keep whole heads
+    cls, cfg = _cfg("dlip_retrieval", vision={"heads": 8},
+                    init={"teacher": wide_teacher[1], "vision": "teacher_reduced"})
+    with pytest.raises(ConfigError, match="cannot keep whole teacher heads: the student has 8 heads of 8, the teacher "
+                                          "4 of 32"):
+        cls.from_config(cfg)
