@@ -37,8 +37,10 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
                  "% of teacher"):
         assert text in table
 
-    # a second run reuses the cached teacher (same yaml, data and options)
-    second = demo.run_demo(str(tmp_path / "out2"), options, repeats=1, data_preset="test", tasks=["vqa"])
-    teacher = second["rows"][0]
-    assert teacher["cached"] and teacher["seconds"] == 0.0
-    assert teacher["score"] == pytest.approx(next(r["score"] for r in first["rows"] if r["task"] == "vqa"))
+    # a second run reuses the cached teacher (same yaml, data and options): nothing is trained
+    opts = [f"datasets.dlip_local_vqa.base_dir={demo_test_data}", *options]
+    again = demo.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", demo_test_data, tmp_path / "out2", opts)
+    vqa_teacher = next(r for r in first["rows"] if r["task"] == "vqa" and r["model"] == "teacher")
+    assert again["cached"] and again["seconds"] == 0.0 and not (tmp_path / "out2").exists()
+    assert demo.score("vqa", again["test"]) == pytest.approx(vqa_teacher["score"])
+    assert again["trained_s"] == pytest.approx(vqa_teacher["seconds"])

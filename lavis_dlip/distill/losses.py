@@ -202,7 +202,12 @@ class LMDistill(LossTerm):
 
     def forward(self, s, t):
         (ls, mask), (lt, _) = s.lm_logits(), t.lm_logits()
-        return soft_kl(ls, lt, self.temperature, mask)
+        keep = mask.bool()
+        if not keep.any():
+            return ls.sum() * 0.0
+        # softmax over the vocabulary only where a token is scored: the same value, without
+        # the work on padding (most of a batch of short captions)
+        return soft_kl(ls[keep], lt[keep], self.temperature)
 
 
 def _projection(s_width: int, t_width: int, always: bool) -> nn.Module:
