@@ -193,7 +193,7 @@ class Transfer:
         shared, per_layer = module_keys(self.student, lay_s, self.model)
         chosen = select_layers(layers_spec, len(lay_s.layer_ids), len(lay_t.layer_ids), self.where)
         if chosen:
-            self.report.layers[self.module] = [chosen[j] for j in range(len(chosen))]
+            self.report.layers[self.module] = list(chosen.values())  # complete and in student order
             self.report.source_depth[self.module] = len(lay_t.layer_ids)
         for rel in shared:
             self._copy(lay_s.prefix + rel, lay_t.prefix + rel, rel, None, in_layer=False)
