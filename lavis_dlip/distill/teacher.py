@@ -15,7 +15,6 @@ queried module by module so that it never updates its momentum encoders or queue
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any, Mapping, Optional
@@ -24,7 +23,6 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lavis_dlip import compat
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, match_rows
@@ -70,9 +68,13 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".") -> FrozenTeacher:
     from lavis_dlip.models.tokenizer import tokenizer_source
 
     model_cfg = teacher_model_config(cfg, base_dir)
-    weights = contextlib.nullcontext() if cfg.get("load_weights", True) else compat.random_weights()
-    with tokenizer_source(model_cfg.get("tokenizer")), weights:
-        model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
+    with tokenizer_source(model_cfg.get("tokenizer")):
+        if cfg.get("load_weights", True):
+            model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
+        else:  # dry runs and tests: the teacher's shape with random stand-in weights
+            from lavis_dlip.models.stand_ins import random_model
+
+            model = random_model(model_cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint:
         model.load_checkpoint(checkpoint)

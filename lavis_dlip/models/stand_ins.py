@@ -2,18 +2,23 @@
 weights that cannot be downloaded here (BLIP, DeiT): offline tests, dry runs and
 cost benchmarks go through exactly the loading code that real checkpoints do.
 
-Values are random normal (x 0.02), so every tensor is distinct and a test can
-find where an inherited value came from; tied tensors (BLIP pre-training's
-decoder) and momentum copies hold the same values, as in a real file.
+Values are random normal (x 0.02; LayerNorm gains 1 + that; BLIP's temperature
+0.07), so every value is distinct and a test can find where an inherited value
+came from, while a forward pass stays in a sane range; tied tensors (BLIP
+pre-training's decoder) and momentum copies hold the same values, as in a real file.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+
+
+GAIN = re.compile(r"(norm\d?|LayerNorm)\.weight$")
 
 
 def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -25,8 +30,10 @@ def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
         if id(v) not in made:
             if key.endswith("position_ids"):
                 made[id(v)] = torch.arange(v.shape[-1]).expand(v.shape).clone()
+            elif key.split(".")[-1] == "temp":
+                made[id(v)] = torch.full(v.shape, 0.07)
             elif v.is_floating_point():
-                made[id(v)] = torch.randn(v.shape, generator=gen) * 0.02
+                made[id(v)] = torch.randn(v.shape, generator=gen) * 0.02 + (1.0 if GAIN.search(key) else 0.0)
             else:
                 made[id(v)] = torch.zeros(v.shape, dtype=v.dtype)
         out[key] = made[id(v)]
@@ -36,6 +43,18 @@ def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
         if top.endswith("_m") and base in out and out[base].shape == out[key].shape:
             out[key] = out[base]
     return out
+
+
+def random_model(model_cfg: Any, seed: int = 0) -> nn.Module:
+    """A registered model with random stand-in weights, built without LAVIS's weight
+    init (seconds instead of a minute for BLIP-base): on the meta device, then
+    materialised and filled. Its modules keep every value in their state dict (no
+    non-persistent buffers), so nothing is left uninitialised."""
+    from lavis_dlip.models.sources import build_model
+
+    model = build_model(model_cfg).to_empty(device="cpu")
+    model.load_state_dict(random_state(model, seed))
+    return model
 
 
 def blip_checkpoint(arch: str, model_type: str, path: str, seed: int = 0, **overrides: Any) -> str:
