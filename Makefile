@@ -18,8 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lavis_dlip.demo
 
+# Two pytest workers, one thread each: the tests are many small CPU-bound runs, which two
+# single-threaded processes finish sooner than one process with two threads.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lavis_dlip tests benchmarks
