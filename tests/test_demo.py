@@ -9,13 +9,16 @@ import math
 import pytest
 
 
-def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, capsys, demo_test_data):
+def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, capsys):
     from lavis_dlip import demo
+    from lavis_dlip.datasets.demo_data import ensure
+
+    data = ensure("smoke")  # the demo's stages on the least data: what is tested is the job, not learning
 
     monkeypatch.setenv(demo.ENV_CACHE, str(tmp_path / "teachers"))
     monkeypatch.chdir(tmp_path)
     options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5"]
-    first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="test")
+    first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke")
     assert [(r["task"], r["model"]) for r in first["rows"]] == [
         (t, m) for t in demo.TASKS for m in ("teacher", "distilled", "not distilled")]
     for task in demo.TASKS:
@@ -38,8 +41,8 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
         assert text in table
 
     # a second run reuses the cached teacher (same yaml, data and options): nothing is trained
-    opts = [f"datasets.dlip_local_vqa.base_dir={demo_test_data}", *options]
-    again = demo.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", demo_test_data, tmp_path / "out2", opts)
+    opts = [f"datasets.dlip_local_vqa.base_dir={data}", *options]
+    again = demo.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", data, tmp_path / "out2", opts)
     vqa_teacher = next(r for r in first["rows"] if r["task"] == "vqa" and r["model"] == "teacher")
     assert again["cached"] and again["seconds"] == 0.0 and not (tmp_path / "out2").exists()
     assert demo.score("vqa", again["test"]) == pytest.approx(vqa_teacher["score"])
