@@ -66,6 +66,24 @@ def test_atomic_save_keeps_the_last_good_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]
 
 
+def test_a_killed_save_is_cleaned_and_checkpoints_are_group_readable(tmp_path):
+    """A kill mid-save (no exception handler runs) leaves a temporary file: the next
+    save removes it. Checkpoints get the umask's permissions, like logs, not 0600."""
+    from lavis_dlip.runners import checkpoint as ckpt
+
+    (tmp_path / ".tmp-checkpoint_latest.pthx1y2z3").write_bytes(b"half a checkpoint")
+    (tmp_path / ".tmp-checkpoint_best.pthabc").write_bytes(b"another file's")
+    old = os.umask(0o022)
+    try:
+        ckpt.atomic_save({"epoch": 3}, str(tmp_path / "checkpoint_latest.pth"))
+        (tmp_path / "log.txt").write_text("a log")
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-checkpoint_best.pthabc", "checkpoint_latest.pth", "log.txt"]
+    mode = os.stat(tmp_path / "checkpoint_latest.pth").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "log.txt").st_mode & 0o777 == 0o644
+
+
 def test_resume_errors_name_the_problem(tmp_path, demo_test_data):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {}}, bad)

@@ -13,9 +13,18 @@ import torch
 
 def atomic_save(obj: Any, path: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over
-    ``path``: a crash mid-write leaves the previous good file in place."""
+    ``path``: a crash mid-write leaves the previous good file in place, and its
+    temporary file is removed by the next save. The file gets the permissions of
+    any other file the process creates (umask), so a group can read it."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
+    prefix = ".tmp-" + os.path.basename(path)
+    for name in os.listdir(directory):  # left by a save that was killed: never a good file
+        if name.startswith(prefix):
+            os.unlink(os.path.join(directory, name))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as the run's other files (mkstemp makes 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
