@@ -45,11 +45,10 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
     return [where[tuple(r)] for r in student.tolist()]
 
 
-def _check_attention(s: dict, t: dict, dst: str, src: str, idx, n_heads: int, head_dim: int, t_head_dim: int,
-                     kv_idx=None) -> None:
+def _check_attention(s: dict, t: dict, dst: str, src: str, idx, n_heads: int, head_dim: int,
+                     t_head_dim: int) -> None:
     """Each student head is one whole teacher head; its channels are the same for
     query, key and value, and the output projection reads exactly those channels."""
-    kv_idx = idx if kv_idx is None else kv_idx
     rows = _rows(s[dst + "self.query.weight"], t[src + "self.query.weight"][:, idx])
     heads = [rows[h * head_dim] // t_head_dim for h in range(n_heads)]
     assert len(set(heads)) == n_heads  # distinct whole teacher heads
@@ -57,7 +56,7 @@ def _check_attention(s: dict, t: dict, dst: str, src: str, idx, n_heads: int, he
         chunk = rows[h * head_dim:(h + 1) * head_dim]
         assert {r // t_head_dim for r in chunk} == {heads[h]} and chunk == sorted(chunk)
     for name in ("key", "value"):
-        assert torch.equal(s[f"{dst}self.{name}.weight"], t[f"{src}self.{name}.weight"][rows][:, kv_idx])
+        assert torch.equal(s[f"{dst}self.{name}.weight"], t[f"{src}self.{name}.weight"][rows][:, idx])
         assert torch.equal(s[f"{dst}self.{name}.bias"], t[f"{src}self.{name}.bias"][rows])
     assert torch.equal(s[dst + "self.query.bias"], t[src + "self.query.bias"][rows])
     assert torch.equal(s[dst + "output.dense.weight"], t[src + "output.dense.weight"][idx][:, rows])
@@ -122,6 +121,15 @@ def _fits_the_paper(task, student, max_ratio: float) -> None:
     assert names >= {"itc", "itm", "lm", "itc_kd", "itm_kd", "lm_kd", "hidden", "attention", "embed"}
 
 
+def _steps(task, student) -> None:
+    """One distillation step at 224 px runs with every term and gives a finite loss."""
+    student.train()
+    samples = {"image": torch.randn(2, 3, 224, 224), "text_input": ["a dog on a red sofa", "two people riding"],
+               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+    loss, logged = task.train_step(student, samples)
+    assert torch.isfinite(loss) and len(logged) == len(student.dlip_distill.terms)
+
+
 def _terms_follow_init(student) -> None:
     report = student.init_report
     for term in student.dlip_distill.terms:
@@ -184,11 +192,7 @@ def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoint
     vision_attn = [x for x in student.dlip_distill.terms if x.NAME == "attention" and x.stream == "vision"]
     assert vision_attn[0].mapping == {10: 11}
 
-    student.train()  # and the student trains with these weights and terms
-    samples = {"image": torch.randn(2, 3, 224, 224), "text_input": ["a dog on a red sofa", "two people riding"],
-               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
-    loss, logged = task.train_step(student, samples)
-    assert torch.isfinite(loss) and len(logged) == len(student.dlip_distill.terms)
+    _steps(task, student)  # and the student trains with these weights and terms
 
 
 def test_small_copies_the_text_layers_it_keeps(checkpoints):
@@ -206,8 +210,4 @@ def test_small_copies_the_text_layers_it_keeps(checkpoints):
     assert torch.equal(s["text_proj.weight"], t["text_proj.weight"]) and "vision_proj.weight" in report.random["heads"]
     _fits_the_paper(task, student, 0.55)
     _terms_follow_init(student)
-    student.train()
-    samples = {"image": torch.randn(2, 3, 224, 224), "text_input": ["a dog on a red sofa", "two people riding"],
-               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
-    loss, logged = task.train_step(student, samples)
-    assert torch.isfinite(loss) and len(logged) == len(student.dlip_distill.terms)
+    _steps(task, student)

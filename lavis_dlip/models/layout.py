@@ -158,9 +158,9 @@ def module_of(key: str, model: nn.Module, found: Optional[Mapping[str, ModuleLay
     return shared[0].name if shared else None
 
 
-def module_keys(model_or_keys: Any, lay: ModuleLayout, model: nn.Module) -> tuple[list[str], list[list[str]]]:
+def module_keys(state_keys: Any, lay: ModuleLayout, model: nn.Module) -> tuple[list[str], list[list[str]]]:
     """(shared keys, keys per layer), relative to ``lay.prefix`` and its layer prefix."""
-    keys = list(model_or_keys)
+    keys = list(state_keys)
     found = layouts(model)
     mine = [k for k in keys if module_of(k, model, found) == lay.name and not k.endswith("position_ids")]
     per_layer = []
