@@ -14,13 +14,22 @@ class ConfigError(ValueError):
     """A run config or model config is invalid; the message names the key."""
 
 
-def check_keys(given: Mapping, allowed: Iterable[str], where: str) -> None:
-    """Reject keys not in ``allowed``, suggesting the closest valid one."""
+class CheckpointError(ConfigError):
+    """A checkpoint a config names is missing, unreadable or does not fit the model;
+    the message names the file and the key that named it."""
+
+
+LISTED = 16  # longer key lists are not printed in full: one line stays readable
+
+
+def check_keys(given: Mapping, allowed: Iterable[str], where: str, reference: str = "") -> None:
+    """Reject keys not in ``allowed``, suggesting the closest valid one; ``reference``
+    says where a long list of allowed keys is documented."""
     allowed = list(allowed)
     for key in given:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{where}.{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown key '{where}.{key}'{hint}; allowed: {', '.join(sorted(allowed))}"
-            )
+            listing = (f"allowed: {', '.join(sorted(allowed))}" if len(allowed) <= LISTED or not reference
+                       else f"the {len(allowed)} allowed keys are listed in {reference}")
+            raise ConfigError(f"unknown key '{where}.{key}'{hint}; {listing}")

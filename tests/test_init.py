@@ -199,7 +199,7 @@ def test_teacher_decoder_into_caption_student(tmp_path):
          "model.init.fusion: strategy 'pretrained' is for vision, text and decoder"),
         ({"decoder": "random"}, "model.init.decoder: DlipRetrieval has no decoder module"),
         ({"visoin": "random"}, "unknown key 'model.init.visoin'"),
-        ({"teacher": "/nonexistent.pth", "vision": "teacher"}, "model.init.teacher: file not found: /nonexistent.pth"),
+        ({"teacher": "/nonexistent.pth", "vision": "teacher"}, "model.init.teacher: /nonexistent.pth: no such file"),
     ],
 )
 def test_init_errors_name_module_and_key(deep_teacher, wide_teacher, init, message):

@@ -73,9 +73,12 @@ def test_strict_checkpoint_loading_names_the_bad_key(tmp_path):
     del state["itm_head.bias"]
     path = tmp_path / "bad.pth"
     torch.save({"model": state}, path)
-    with pytest.raises(RuntimeError) as err:
+    from lavis_dlip.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as err:
         load_model("dlip_retrieval", "test", checkpoint=str(path), device="cpu")
-    assert "vision_proj.weight" in str(err.value) and "itm_head.bias" in str(err.value)
+    assert "vision_proj.weight (3, 3) vs" in str(err.value) and "missing keys: 1, e.g. itm_head.bias" in str(err.value)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
     good = tmp_path / "good.pth"
     torch.save({"model": model.state_dict()}, good)

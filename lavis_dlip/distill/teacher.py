@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, match_rows
 
@@ -77,10 +77,27 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".") -> FrozenTeacher:
             model = random_model(model_cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint:
-        model.load_checkpoint(checkpoint)
+        _load_weights(model, checkpoint, "distill.teacher.checkpoint")
     logger.info("teacher %s/%s (%s)", model_cfg.arch, model_cfg.model_type,
                 checkpoint or ("LAVIS weights" if cfg.get("load_weights", True) else "random weights"))
     return FrozenTeacher(model)
+
+
+def _load_weights(model: nn.Module, checkpoint: str, key: str) -> None:
+    """Our models load strictly with one-line errors; LAVIS's own loader (it also
+    resizes position embeddings) raises bare pickle or shape errors, named here."""
+    from lavis_dlip import checkpoint as ckpt
+    from lavis_dlip.models.base import DlipModelMixin
+
+    if isinstance(model, DlipModelMixin):
+        model.load_checkpoint(checkpoint, key=key)
+        return
+    ckpt.check_exists(checkpoint, key)
+    try:
+        model.load_checkpoint(checkpoint)
+    except Exception as err:
+        raise CheckpointError(f"{key}: {checkpoint} cannot be loaded into {type(model).__name__} "
+                              f"({type(err).__name__}: {ckpt.first_line(err)})") from None
 
 
 class FrozenTeacher:

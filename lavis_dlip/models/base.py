@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 
@@ -47,14 +47,25 @@ class DlipModelMixin:
 
     @classmethod
     def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Every key and section of the model config (nothing is built)."""
+        from lavis_dlip.models.components import decoder_config, vision_config
+        from lavis_dlip.models.init import parse_init
+
         check_keys(cfg, COMMON_KEYS + cls.MODEL_KEYS, "model")
+        vision_config(cfg)
+        decoder_config(cfg)  # includes the text section
+        if cfg.get("init"):
+            parse_init(cfg["init"])
 
     def initialize(self, cfg: Mapping[str, Any]):
         """Module-wise init (``model.init``, see lavis_dlip.models.init), then the
-        checkpoint named by ``finetuned``/``pretrained``, which overrides it."""
+        checkpoint named by ``finetuned``/``pretrained``, which overrides it. With a
+        finetuned checkpoint (evaluation) the init is skipped: the strict load
+        replaces every weight, and the init's teacher need not be at hand."""
         from lavis_dlip.models.init import apply_init
 
-        self.init_report = apply_init(self, cfg.get("init"))
+        finetuned = cfg.get("load_finetuned", False) and cfg.get("finetuned")
+        self.init_report = apply_init(self, None if finetuned else cfg.get("init"))
         self.load_checkpoint_from_config(cfg)
         return self.init_report
 
@@ -62,42 +73,43 @@ class DlipModelMixin:
         """LAVIS's version asserts a path exists; a DLIP model without one stays as
         initialised (random or module-wise init)."""
         if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
-            self.load_checkpoint(cfg["finetuned"])
+            self.load_checkpoint(cfg["finetuned"], key="model.finetuned")
         elif cfg.get("load_pretrained", False) and cfg.get("pretrained"):
-            self.load_checkpoint(cfg["pretrained"])
+            self.load_checkpoint(cfg["pretrained"], key="model.pretrained")
 
-    def load_checkpoint(self, url_or_filename: str):
+    def load_checkpoint(self, url_or_filename: str, key: str = "checkpoint"):
         """Strict load of ``ckpt['model']`` (or a bare state dict): LAVIS's loader
-        silently ignores missing and mismatched keys, which hides a wrong preset."""
-        from lavis.common.dist_utils import download_cached_file
-        from lavis.common.utils import is_url
+        silently ignores missing and mismatched keys, which hides a wrong preset.
+        Errors are one line naming the file and ``key``, the config key that named it."""
+        from lavis_dlip import checkpoint as ckpt
 
-        if is_url(url_or_filename):
-            path = download_cached_file(url_or_filename, check_hash=False, progress=True)
-        elif os.path.isfile(url_or_filename):
-            path = url_or_filename
-        else:
-            raise FileNotFoundError(f"checkpoint not found: {url_or_filename}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = ckpt.read(url_or_filename, key)
         state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-        own = self.state_dict()
-        state_dict = _drop_absent_modules(state_dict, own, url_or_filename)
-        mismatched = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state_dict.items()
-            if k in own and own[k].shape != v.shape
-        ]
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if mismatched or missing or unexpected:
-            lines = [f"checkpoint {url_or_filename} does not fit {type(self).__name__}:"]
-            lines += [f"  shape mismatch {m}" for m in mismatched[:10]]
-            lines += [f"  missing key {k}" for k in missing[:10]]
-            lines += [f"  unexpected key {k}" for k in unexpected[:10]]
-            lines.append("Was it saved from the same arch and model_type?")
-            raise RuntimeError("\n".join(lines))
-        self.load_state_dict(state_dict, strict=True)
+        if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
+            raise CheckpointError(f"{key}: {url_or_filename} holds no state dict (a mapping of tensors, "
+                                  "alone or under 'model')")
+        self.load_state_dict(fitting_state(self, state_dict, url_or_filename, key), strict=True)
         logger.info("loaded checkpoint %s", url_or_filename)
+
+
+def fitting_state(model, state_dict: Mapping[str, torch.Tensor], name: str, key: str) -> dict:
+    """``state_dict`` without the modules ``model`` lacks, if the rest fits exactly;
+    else a one-line ``CheckpointError`` saying how it differs (shapes, missing and
+    unexpected keys, a first example of each), naming the file and ``key``."""
+    own = model.state_dict()
+    state_dict = _drop_absent_modules(dict(state_dict), own, name)
+    problems = []
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    for label, items in (("shape mismatches", mismatched), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            problems.append(f"{label}: {len(items)}, e.g. {items[0]}")
+    if problems:
+        raise CheckpointError(f"{key}: {name} does not fit {type(model).__name__}: {'; '.join(problems)}; "
+                              "was it saved from the same arch and model_type?")
+    return state_dict
 
 
 def _drop_absent_modules(state_dict: dict, own: dict, name: str) -> dict:

@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from lavis_dlip import checkpoint
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.models.layout import ModuleLayout, module_layout
 
@@ -61,23 +62,6 @@ class Source:
 
 
 # ----------------------------------------------------------------------------- reading files
-def _read(source: str, where: str) -> Any:
-    from lavis_dlip.models.tokenizer import resolve_source
-
-    path = resolve_source(str(source))
-    if re.match(r"^https?://", path):
-        from lavis.common.dist_utils import download_cached_file
-
-        path = download_cached_file(path, check_hash=False, progress=True)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{where}: file not found: {source}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle and zip errors name neither file nor fix
-        raise ConfigError(f"{where}: {source} is not a readable PyTorch checkpoint "
-                          f"({type(err).__name__}: {err})") from None
-
-
 def _state(obj: Any) -> dict[str, torch.Tensor]:
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -112,12 +96,13 @@ def lavis_teacher(spec: Any, where: str) -> Source:
 
             model = build_model(model_cfg)
             return Source(f"random {model_cfg.arch}/{model_cfg.model_type}", random_state(model), model, model_cfg)
-        checkpoint = spec.get("checkpoint") or _preset_weights(model_cfg)
-        if not checkpoint:
+        weights = spec.get("checkpoint") or _preset_weights(model_cfg)
+        if not weights:
             raise ConfigError(f"{where}.checkpoint: give the weights to inherit (path or URL); "
                               f"{model_cfg.arch}/{model_cfg.model_type} names none of its own")
-        return Source(str(checkpoint), _state(_read(checkpoint, where)), build_model(model_cfg), model_cfg)
-    obj = _read(spec, where)
+        key = f"{where}.checkpoint" if spec.get("checkpoint") else f"{where} ({model_cfg.arch}'s own weights)"
+        return Source(str(weights), _state(checkpoint.read(weights, key)), build_model(model_cfg), model_cfg)
+    obj = checkpoint.read(spec, where)
     config = obj.get("config") if isinstance(obj, dict) else None
     saved = config.get("model") if isinstance(config, dict) else None
     if not saved or "arch" not in saved:
@@ -137,7 +122,8 @@ def _preset_weights(model_cfg: Any) -> Optional[str]:
 
 def timm_vit(path: str, heads: Optional[int], where: str) -> Source:
     """A timm/DeiT ViT state dict: classifier heads dropped, keys under ``visual_encoder.``."""
-    state = {f"visual_encoder.{k}": v for k, v in _state(_read(path, where)).items() if not k.startswith(TIMM_ONLY)}
+    state = {f"visual_encoder.{k}": v for k, v in _state(checkpoint.read(path, where)).items()
+             if not k.startswith(TIMM_ONLY)}
     if heads is None:
         raise ConfigError(f"{where}: a timm/DeiT state dict does not record its attention heads; "
                           f"set source_heads (DeiT-Ti 3, DeiT-S 6, DeiT-B 12)")

@@ -17,7 +17,11 @@ What differs from ``RunnerBase`` and why (LAVIS 1.0.2 file:line in brackets):
   optimizer, scaler, epoch, best metric and RNG states, written atomically;
   ``checkpoint_latest.pth`` after every epoch;
 * a relative ``run.output_dir`` is resolved against the working directory, not
-  site-packages; a resumed run continues in its checkpoint's directory.
+  site-packages; a resumed run continues in its checkpoint's directory;
+* nothing is written before training starts [runner_base.py:66 creates the job
+  directory in ``__init__``]: a resume checkpoint is read and matched to the model
+  first, so a bad one leaves no file behind; per-epoch records (``evaluate.txt``)
+  are cut back to the checkpoint's epoch, so re-run epochs are not listed twice.
 """
 
 from __future__ import annotations
@@ -44,13 +48,15 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from lavis_dlip import compat
-from lavis_dlip.errors import ConfigError
-from lavis_dlip.runners import checkpoint as ckpt
+from lavis_dlip.errors import CheckpointError, ConfigError
+from lavis_dlip.models.base import fitting_state
+from lavis_dlip import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
 LATEST = "checkpoint_latest.pth"
 BEST = "checkpoint_best.pth"
+RECORDS = ("evaluate.txt",)  # one line per evaluation, appended by LAVIS's tasks
 
 
 def barrier() -> None:
@@ -188,11 +194,13 @@ class RunnerDlip(RunnerBase):
             if not base.is_absolute():
                 base = Path.cwd() / base
             output_dir = base / self.job_id
-        result_dir = output_dir / "result"
-        result_dir.mkdir(parents=True, exist_ok=True)
+        result_dir = output_dir / "result"  # created by _open_output_dir, when something is written
         compat.register_path("result_dir", str(result_dir))
         compat.register_path("output_dir", str(output_dir))
         self.output_dir, self.result_dir = output_dir, result_dir
+
+    def _open_output_dir(self) -> None:
+        self.result_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_queue_size(self) -> None:
         queue = getattr(self._model, "queue_size", None)
@@ -245,10 +253,14 @@ class RunnerDlip(RunnerBase):
     def train(self) -> dict[str, Any]:
         """Train, validate, checkpoint and test; returns ``{split: metrics}`` of the test splits."""
         start = time.time()
+        resume = None if self.evaluate_only else self.resume_ckpt_path
+        if resume:
+            self._load_checkpoint(resume)  # before anything is written: a bad checkpoint leaves no trace
+        self._open_output_dir()
         self.log_config()
         self.log_stats({"world_size": get_world_size(), "device": str(self.device)}, "run")
-        if not self.evaluate_only and self.resume_ckpt_path:
-            self._load_checkpoint(self.resume_ckpt_path)
+        if resume:
+            self.log_stats({"from": str(resume), "start_epoch": self.start_epoch}, "resume")
         if not self.evaluate_only and len(self.train_loader) == 0:
             raise ConfigError(
                 f"the train split has fewer records ({len(self.train_loader.dataset)}) than "
@@ -380,6 +392,7 @@ class RunnerDlip(RunnerBase):
         return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
 
     def evaluate(self, cur_epoch="best", skip_reload=False):
+        self._open_output_dir()
         logs = super().evaluate(cur_epoch=cur_epoch, skip_reload=skip_reload) or {}
         for split_name, log in logs.items():
             if log is not None:
@@ -419,6 +432,7 @@ class RunnerDlip(RunnerBase):
             "best_agg_metric": self.best_agg_metric,
             "best_epoch": self.best_epoch,
             "rng": rng,
+            "records": {name: _size(self.output_dir / name) for name in RECORDS},
         }
         names = [BEST] if is_best else [LATEST]
         if not is_best and not self.valid_splits:
@@ -432,22 +446,32 @@ class RunnerDlip(RunnerBase):
         path = self.output_dir / BEST
         if not path.is_file():
             raise FileNotFoundError(f"no best checkpoint at {path}; was validation ever run?")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(ckpt.read(str(path), "checkpoint_best.pth")["model"])
         return model
 
     def _load_checkpoint(self, url_or_filename: str) -> None:
-        state = ckpt.load(url_or_filename)
+        """Model, optimizer, epoch, best metric and RNG states of ``run.resume_ckpt_path``;
+        evaluation records written after that checkpoint are cut off."""
+        key = "run.resume_ckpt_path"
+        state = ckpt.load_resume(url_or_filename)
         model = self.unwrap_dist_model(self.model)
         try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise RuntimeError(f"run.resume_ckpt_path: {url_or_filename} does not match the model: {err}") from err
-        self.optimizer.load_state_dict(state["optimizer"])
+            model.load_state_dict(state["model"])  # strict: resume continues this very model
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:  # another model, a queue of another size, run.lr_mult changed
+            fitting_state(model, state["model"], url_or_filename, key)  # names the first difference if it can
+            raise CheckpointError(f"{key}: {url_or_filename} does not match this run's model or optimizer "
+                                  f"({ckpt.first_line(err)})") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_agg_metric = state.get("best_agg_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
+        if is_main_process():
+            for name, size in (state.get("records") or {}).items():
+                path = self.output_dir / name
+                if path.is_file() and path.stat().st_size > size:
+                    os.truncate(path, size)
         rngs = state.get("rng") or []
         if len(rngs) == get_world_size():
             ckpt.set_rng_state(rngs[get_rank()])
@@ -470,6 +494,10 @@ def _batch_size(samples: dict) -> int:
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
     return 0
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _jsonable(value):

@@ -1,0 +1,117 @@
+"""Checkpoint files: read with errors that name the file and the config key,
+written so that they survive crashes, with the RNG state that makes resumes exact."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from lavis_dlip.errors import CheckpointError
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over
+    ``path``: a crash mid-write leaves the previous good file in place, and its
+    temporary file is removed by the next save. The file gets the permissions of
+    any other file the process creates (umask), so a group can read it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = ".tmp-" + os.path.basename(path)
+    for name in os.listdir(directory):  # left by a save that was killed: never a good file
+        if name.startswith(prefix):
+            os.unlink(os.path.join(directory, name))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as the run's other files (mkstemp makes 0600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, ITM negative sampling, augmentation)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_url(source: str) -> bool:
+    return re.match(r"^https?://", str(source)) is not None
+
+
+def local_path(source: str) -> str:
+    """``source`` as a local path (``pkg://`` resolved, ``~`` expanded); URLs pass through."""
+    from lavis_dlip.models.tokenizer import resolve_source
+
+    return str(source) if is_url(source) else resolve_source(str(source))
+
+
+def check_exists(source: str, key: str) -> None:
+    """Fail early for a local checkpoint that is not there (URLs are fetched later)."""
+    path = local_path(source)
+    if not is_url(path) and not os.path.isfile(path):
+        what = "a directory, not a checkpoint file" if os.path.isdir(path) else "no such file"
+        raise CheckpointError(f"{key}: {source}: {what}; give the path of a .pth file (or a URL)")
+
+
+def read(source: str, key: str) -> Any:
+    """``torch.load`` of a path or URL on the CPU; any failure is one line naming the
+    file and ``key`` (the config key that named it)."""
+    path = local_path(source)
+    if is_url(path):
+        from lavis.common.dist_utils import download_cached_file
+
+        try:
+            path = download_cached_file(path, check_hash=False, progress=True)
+        except Exception as err:  # offline, 404: urllib's message names neither key nor file
+            raise CheckpointError(f"{key}: cannot download {source} ({first_line(err)}); "
+                                  "download it elsewhere and give the local path") from None
+    check_exists(path, key)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle and zip errors name neither the file nor the fix
+        raise CheckpointError(f"{key}: {source} is not a readable PyTorch checkpoint, truncated or of "
+                              f"another format ({type(err).__name__}: {first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_resume(path: str) -> dict[str, Any]:
+    """A runner checkpoint to resume from, checked for what resuming needs."""
+    checkpoint = read(path, "run.resume_ckpt_path")
+    for entry in ("model", "optimizer", "epoch"):
+        if not isinstance(checkpoint, dict) or entry not in checkpoint:
+            raise CheckpointError(
+                f"run.resume_ckpt_path: {path} has no '{entry}' entry; resume needs a checkpoint "
+                "written by runner_dlip (checkpoint_latest.pth)"
+            )
+    return checkpoint
