@@ -61,8 +61,16 @@ def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool =
     """
     from lavis_dlip.config import load_config
 
+    from lavis_dlip.datasets.validate import DataError
+    from lavis_dlip.errors import ConfigError
+
     cfg = load_config(cfg_path, options, evaluate=evaluate)
-    return run_config(cfg, evaluate=evaluate)
+    try:
+        return run_config(cfg, evaluate=evaluate)
+    except (ConfigError, DataError) as err:  # found while building (data files, layer maps): name the yaml too
+        if str(err).startswith(cfg_path):
+            raise
+        raise type(err)(f"{cfg_path}: {err}") from None
 
 
 def build_runner(cfg, evaluate: bool = False):

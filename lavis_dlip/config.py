@@ -14,9 +14,10 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from lavis_dlip import schema
 from lavis_dlip.errors import ConfigError
 
-__all__ = ["ConfigError", "load_config", "validate"]
+__all__ = ["ConfigError", "load_config", "validate", "validate_merged"]
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -33,66 +34,161 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 def validate(raw, cfg_path: str, evaluate: bool = False) -> None:
-    """Check sections, registry names and required run keys of a raw yaml."""
+    """Check sections, registry names, run keys and values of a raw yaml."""
+    try:
+        _check_names(raw, cfg_path, evaluate)
+    except ConfigError as err:
+        raise ConfigError(f"{cfg_path}: {err}") from None
+
+
+def _check_names(raw, cfg_path: str, evaluate: bool) -> None:
     from lavis.common.registry import registry
 
-    where = f"{cfg_path}:"
     for section in ("model", "datasets", "run"):
         if raw.get(section) is None:
-            raise ConfigError(f"{where} missing top-level section '{section}'")
+            raise ConfigError(f"missing top-level section '{section}'")
+    for key in raw:
+        if key not in schema.TOP_LEVEL:
+            raise ConfigError(f"unknown top-level section '{key}'.{_suggest(str(key), schema.TOP_LEVEL)} "
+                              f"A run yaml has {', '.join(schema.TOP_LEVEL)}; optimiser settings go under run")
 
     arch = raw.model.get("arch")
     if arch is None:
-        raise ConfigError(f"{where} missing key 'model.arch'")
+        raise ConfigError("missing key 'model.arch'")
     models = registry.mapping["model_name_mapping"]
     if arch not in models:
-        raise ConfigError(
-            f"{where} model.arch '{arch}' is not a registered LAVIS model.{_suggest(arch, models)}"
-        )
+        raise ConfigError(f"model.arch '{arch}' is not a registered LAVIS model.{_suggest(arch, models)}")
     model_type = raw.model.get("model_type")
     types = models[arch].PRETRAINED_MODEL_CONFIG_DICT
     if model_type not in types:
-        raise ConfigError(
-            f"{where} model.model_type '{model_type}' is not a type of '{arch}'; "
-            f"known: {', '.join(types)}"
-        )
+        raise ConfigError(f"model.model_type '{model_type}' is not a type of '{arch}'; known: {', '.join(types)}")
 
     builders = registry.mapping["builder_name_mapping"]
     for name in raw.datasets:
         if name not in builders:
-            raise ConfigError(
-                f"{where} datasets.{name} is not a registered dataset builder.{_suggest(name, builders)}"
-            )
+            raise ConfigError(f"datasets.{name} is not a registered dataset builder.{_suggest(name, builders)}")
 
     run = raw.run
+    schema.check_run(run)
     required = RUN_REQUIRED_EVAL if evaluate or run.get("evaluate", False) else RUN_REQUIRED_TRAIN
     missing = [k for k in required if run.get(k) is None]
     if missing:
-        raise ConfigError(f"{where} missing key(s) {', '.join('run.' + k for k in missing)}")
+        raise ConfigError(f"missing key(s) {', '.join('run.' + k for k in missing)}")
     tasks = registry.mapping["task_name_mapping"]
     if run.task not in tasks:
-        raise ConfigError(f"{where} run.task '{run.task}' is not a registered task.{_suggest(run.task, tasks)}")
+        raise ConfigError(f"run.task '{run.task}' is not a registered task.{_suggest(run.task, tasks)}")
     runner = run.get("runner", "runner_base")
     runners = registry.mapping["runner_name_mapping"]
     if runner not in runners:
-        raise ConfigError(f"{where} run.runner '{runner}' is not a registered runner.{_suggest(runner, runners)}")
+        raise ConfigError(f"run.runner '{runner}' is not a registered runner.{_suggest(runner, runners)}")
     scheds = registry.mapping["lr_scheduler_name_mapping"]
     if run.get("lr_sched") is not None and run.lr_sched not in scheds:
-        raise ConfigError(
-            f"{where} run.lr_sched '{run.lr_sched}' is not a registered scheduler.{_suggest(run.lr_sched, scheds)}"
-        )
+        raise ConfigError(f"run.lr_sched '{run.lr_sched}' is not a registered scheduler."
+                          f"{_suggest(run.lr_sched, scheds)}")
     task_cls = tasks[run.task]
     if hasattr(task_cls, "validate_config"):  # a task checks its own sections (distill, runner)
-        try:
-            task_cls.validate_config(raw, base_dir=os.path.dirname(os.path.abspath(cfg_path)))
-        except ConfigError as err:
-            raise ConfigError(f"{where} {err}") from None
+        task_cls.validate_config(raw, base_dir=os.path.dirname(os.path.abspath(cfg_path)))
     elif raw.get("distill") is not None:
-        raise ConfigError(f"{where} a 'distill' section is given but run.task '{run.task}' does not distill; "
+        raise ConfigError(f"a 'distill' section is given but run.task '{run.task}' does not distill; "
                           f"use a dlip_distill_* task (docs/distillation.md)")
     device = str(run.get("device", "auto"))
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise ConfigError(f"{where} run.device '{device}' must be one of {', '.join(DEVICES)}")
+        raise ConfigError(f"run.device '{device}' must be one of {', '.join(DEVICES)}")
+
+
+def validate_merged(cfg, cfg_path: str, evaluate: bool = False) -> None:
+    """What needs LAVIS's merged config (model presets, builder defaults): dataset
+    and model keys, and every file the run will read, checked before any is read."""
+    try:
+        _check_datasets(cfg)
+        _check_model(cfg, evaluate or bool(cfg.run_cfg.get("evaluate", False)))
+    except ConfigError as err:
+        raise ConfigError(f"{cfg_path}: {err}") from None
+
+
+def _check_datasets(cfg) -> None:
+    from lavis.common.registry import registry
+
+    from lavis_dlip.datasets.builders import LocalBuilder
+
+    processors = registry.mapping["processor_name_mapping"]
+    for name, ds in cfg.datasets_cfg.items():
+        builder = registry.get_builder_class(name)
+        default = OmegaConf.load(builder.default_config_path(type=ds.get("type", "default")))
+        schema.check_dataset(name, ds, issubclass(builder, LocalBuilder),
+                             list(default.datasets.get(name) or {}), processors)
+
+
+def _check_model(cfg, evaluate: bool) -> None:
+    from lavis.common.registry import registry
+
+    from lavis_dlip import checkpoint
+
+    model_cfg = cfg.model_cfg
+    model_cls = registry.get_model_class(model_cfg.arch)
+    if hasattr(model_cls, "check_config"):
+        model_cls.check_config(model_cfg)
+    files = []  # (path, key): every checkpoint the run will read
+    finetuned = model_cfg.get("load_finetuned", False) and model_cfg.get("finetuned")
+    if finetuned:
+        files.append((model_cfg.finetuned, "model.finetuned"))
+    elif model_cfg.get("load_pretrained", False) and model_cfg.get("pretrained"):
+        files.append((model_cfg.pretrained, "model.pretrained"))
+    init = model_cfg.get("init")
+    if init and not finetuned:  # a finetuned checkpoint replaces every weight: no init runs
+        files += _init_files(init)
+    tokenizers = [(model_cfg.get("tokenizer"), "model.tokenizer")]
+    distill = cfg.config.get("distill")
+    if distill is not None and not evaluate:  # evaluation builds no teacher
+        from lavis_dlip.distill.teacher import teacher_model_config
+
+        teacher = distill.teacher
+        if teacher.get("checkpoint") and teacher.get("load_weights", True):
+            files.append((teacher.checkpoint, "distill.teacher.checkpoint"))
+        tokenizer = teacher_model_config(teacher, distill.get("base_dir") or ".").get("tokenizer")
+        tokenizers.append((tokenizer, "distill.teacher's model.tokenizer"))
+    resume = cfg.run_cfg.get("resume_ckpt_path")
+    if resume and not evaluate:
+        files.append((resume, "run.resume_ckpt_path"))
+    for path, key in files:
+        if key.endswith(".source"):  # a timm/DeiT file or a Hugging Face BERT directory
+            if not os.path.exists(checkpoint.local_path(str(path))):
+                raise ConfigError(f"{key}: {path}: no such file or directory")
+            continue
+        checkpoint.check_exists(str(path), key)
+    for source, key in tokenizers:
+        if source:
+            _check_tokenizer(str(source), key)
+
+
+def _init_files(init) -> list[tuple[str, str]]:
+    """Files ``model.init`` reads: its teacher's checkpoint, pretrained sources."""
+    from lavis_dlip.models.init import parse_init
+
+    files = []
+    teacher = init.get("teacher")
+    if isinstance(teacher, str):
+        files.append((teacher, "model.init.teacher"))
+    elif teacher is not None and teacher.get("checkpoint") and teacher.get("load_weights", True):
+        files.append((teacher.checkpoint, "model.init.teacher.checkpoint"))
+    for module, (spec, strategy, _) in parse_init(init).items():
+        if strategy == "pretrained" and spec.get("source"):
+            files.append((spec["source"], f"model.init.{module}.source"))
+    return files
+
+
+def _check_tokenizer(source: str, key: str) -> None:
+    """A local tokenizer (path or ``pkg://``) is loaded now, cached for the model: a
+    wrong path should not wait until every image has been checked. A hub name is
+    fetched when the model is built (offline runs need a local one)."""
+    from lavis_dlip.models.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
+
+    if not is_local(source):
+        return
+    try:
+        init_blip_tokenizer(source)
+    except TokenizerNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False):
@@ -125,8 +221,13 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
         cfg.config.distill = raw.distill
         if cfg.config.distill.get("base_dir") is None:
             cfg.config.distill.base_dir = base_dir
+    from lavis.common.registry import registry
+
+    from lavis_dlip.datasets.builders import LocalBuilder
+
     for name in cfg.datasets_cfg:
         ds = cfg.datasets_cfg[name]
-        if ds.get("base_dir") is None:
+        if ds.get("base_dir") is None and issubclass(registry.get_builder_class(name), LocalBuilder):
             ds.base_dir = base_dir
+    validate_merged(cfg, cfg_path, evaluate=evaluate)
     return cfg

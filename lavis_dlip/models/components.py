@@ -57,8 +57,23 @@ DECODER_DEFAULTS: dict[str, Any] = {
 
 
 def _section(cfg: Mapping, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The section's keys over its defaults; each value of the default's type
+    (sizes are integers >= 1, rates numbers, switches True or False)."""
     given = dict(cfg.get(name) or {})
     check_keys(given, defaults, f"model.{name}")
+    for key, value in given.items():
+        default = defaults[key]
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok, what = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= min(default, 1), (
+                "an integer >= 1" if default >= 1 else "an integer >= 0")
+        else:
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, "a number >= 0"
+        if not ok:
+            raise ConfigError(f"model.{name}.{key} must be {what}, got {value!r}")
     return {**defaults, **given}
 
 

@@ -65,6 +65,11 @@ def resolve_source(source: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
+def is_local(source: str) -> bool:
+    """A path or ``pkg://`` source, as opposed to a hub name (``org/name``)."""
+    return source.startswith(("pkg://", "/", ".", "~")) or os.path.exists(os.path.expanduser(source))
+
+
 def init_blip_tokenizer(source: Optional[str] = None):
     """A BertTokenizer with BLIP's ``[DEC]`` bos and ``[ENC]`` tokens (30,524 entries
     for the BERT-uncased vocab), exactly as ``BlipBase.init_tokenizer`` builds it."""
@@ -88,8 +93,7 @@ def _load_uncached(source: str):
         else:
             tokenizer = BertTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        local = os.path.exists(path) or source.startswith("pkg://") or os.sep in source
-        where = f"local path '{path}' has no usable vocab.txt" if local else (
+        where = f"local path '{path}' has no usable vocab.txt" if is_local(source) else (
             f"'{source}' could not be fetched from the Hugging Face hub (offline?)"
         )
         raise TokenizerNotFoundError(
