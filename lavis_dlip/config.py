@@ -151,8 +151,8 @@ def _check_model(cfg, evaluate: bool) -> None:
     if resume and not evaluate:
         files.append((resume, "run.resume_ckpt_path"))
     for path, key in files:
-        if key.endswith(".source"):  # a timm/DeiT file or a Hugging Face BERT directory
-            if not os.path.exists(checkpoint.local_path(str(path))):
+        if key.endswith(".source"):  # a timm/DeiT file (or URL) or a Hugging Face BERT directory
+            if not checkpoint.is_url(str(path)) and not os.path.exists(checkpoint.local_path(str(path))):
                 raise ConfigError(f"{key}: {path}: no such file or directory")
             continue
         checkpoint.check_exists(str(path), key)
