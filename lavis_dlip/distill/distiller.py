@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lavis_dlip.distill.cache import CacheReader
 from lavis_dlip.distill.capture import Capture
 from lavis_dlip.distill.losses import LossTerm
 from lavis_dlip.distill.outputs import BlipOutputs
@@ -31,14 +32,21 @@ class Distiller(nn.Module):
         self.uses_teacher = not all(t.teacher_free for t in terms)
 
     def step(self, model: nn.Module, student: nn.Module, teacher: Optional[FrozenTeacher],
-             samples: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             samples: dict, cache: Optional[CacheReader] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``model`` is what to call (the student, maybe DDP-wrapped); ``student`` the
-        module itself. Returns the weighted loss and every term, unweighted."""
+        module itself; ``cache``: read the teacher's outputs instead of replaying it.
+        Returns the weighted loss and every term, unweighted."""
         with Capture(student, self.student_points) as records:
             output = model(samples)
         s = BlipOutputs(student, records, output)
         t = None
-        if self.uses_teacher:
+        if self.uses_teacher and cache is not None:
+            t = cache.outputs(samples, records, samples["image"].device)
+            if cache.online_fusion:  # the student's own hard negatives: the teacher's text encoder, no ViT
+                fusion = {p for p in self.teacher_points if p[0] == "fusion"}
+                t.online = teacher.replay(None, records, {"fusion", "fusion_neg"}, fusion,
+                                          image_embeds=t.fields["image_embeds"])
+        elif self.uses_teacher:
             t = teacher.replay(samples["image"], records, self.needs, self.teacher_points)
         values = {term.key: term(s, t) for term in self.terms}
         loss = sum(term.weight * values[term.key] for term in self.terms)

@@ -58,6 +58,23 @@ def prob_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: Opti
     return _masked_mean(kl, mask)
 
 
+def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """``soft_kl`` against a teacher kept as its top-k logits per row (``values``,
+    ``indices``) and the log-partition of all its logits / T (``lse``): the KL of the
+    two distributions coarsened to those k tokens plus one bucket for the rest, a
+    lower bound of the full KL that meets it as the rest's mass goes to zero."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_pt = values.float() / t - lse[:, None]
+    pt = log_pt.exp()
+    log_ps = log_p_s.gather(-1, indices.long())
+    rest_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
+    rest_s = (1.0 - log_ps.exp().sum(-1)).clamp_min(1e-12)  # finite gradients even when k covers everything
+    kl = (pt * (log_pt - log_ps)).sum(-1) + rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log())
+    return kl.mean() * t * t
+
+
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token MSE (mean over channels) or 1 - cosine, averaged over kept tokens."""
@@ -99,6 +116,11 @@ class LossTerm(nn.Module):
         return set()
 
     def teacher_points(self) -> set[Point]:
+        return set()
+
+    def cache_fields(self) -> set[str]:
+        """What the teacher-output cache must hold for this term (distill/cache.py);
+        ``online_fusion``: the teacher's fused passes must run each step."""
         return set()
 
     def forward(self, s: BlipOutputs, t: Optional[BlipOutputs]) -> torch.Tensor:
@@ -166,6 +188,9 @@ class ITCDistill(LossTerm):
         super().__init__(cfg, student, teacher, where)
         self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
 
+    def cache_fields(self):
+        return {"image_feat", "text_feat"}
+
     def forward(self, s, t):
         ls, lt = s.itc_logits, t.itc_logits
         return 0.5 * (soft_kl(ls, lt, self.temperature) + soft_kl(ls.t(), lt.t(), self.temperature))
@@ -184,6 +209,9 @@ class ITMDistill(LossTerm):
         self.pairs = _choice(cfg, "pairs", ("all", "positives"), "all", where)
         self.needs = frozenset({"fusion", "fusion_neg"} if self.pairs == "all" else {"fusion"})
 
+    def cache_fields(self):
+        return {"itm_pos"} if self.pairs == "positives" else {"online_fusion"}
+
     def forward(self, s, t):
         return soft_kl(s.itm_logits(self.pairs), t.itm_logits(self.pairs), self.temperature)
 
@@ -200,20 +228,27 @@ class LMDistill(LossTerm):
         super().__init__(cfg, student, teacher, where)
         self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
 
+    def cache_fields(self):
+        return {f"lm_t{self.temperature:g}"}
+
     def forward(self, s, t):
-        (ls, mask), (lt, _) = s.lm_logits(), t.lm_logits()
+        ls, mask = s.lm_logits()
         keep = mask.bool()
         if not keep.any():
             return ls.sum() * 0.0
         # softmax over the vocabulary only where a token is scored: the same value, without
         # the work on padding (most of a batch of short captions)
-        return soft_kl(ls[keep], lt[keep], self.temperature)
+        if hasattr(t, "lm_topk"):  # read from the teacher-output cache
+            return topk_kl(ls[keep], *t.lm_topk(self.temperature), self.temperature)
+        return soft_kl(ls[keep], t.lm_logits()[0][keep], self.temperature)
 
 
 def _projection(s_width: int, t_width: int, always: bool) -> nn.Module:
     return nn.Linear(s_width, t_width) if always or s_width != t_width else nn.Identity()
 
 
+EMBED_FIELDS = {"image_feat": "image_feat", "text_feat": "text_feat", "itm_cls": "fusion_cls",
+                "decoder_cls": "decoder_cls"}
 EMBED_TARGETS = {
     # target: (needs, student width, teacher width, features)
     "image_feat": ({"text"}, lambda m: m.vision_proj.out_features, lambda o: o.image_feat),
@@ -243,6 +278,9 @@ class EmbeddingDistill(LossTerm):
             x: _projection(EMBED_TARGETS[x][1](student), EMBED_TARGETS[x][1](teacher), bool(cfg.get("project")))
             for x in targets
         })
+
+    def cache_fields(self):
+        return {EMBED_FIELDS[x] for x in self.targets}
 
     def forward(self, s, t):
         losses = [feature_loss(self.proj[x](EMBED_TARGETS[x][2](s)), EMBED_TARGETS[x][2](t), self.loss)
@@ -295,6 +333,9 @@ class _LayerTerm(LossTerm):
 
     def teacher_points(self):
         return {(self.stream, self.kind, t) for t in self.mapping.values()}
+
+    def cache_fields(self):
+        return {f"{s}.{k}.{j}" for s, k, j in self.teacher_points()}
 
     def pairs(self, s, t):
         for i, j in self.mapping.items():

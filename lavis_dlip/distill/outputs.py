@@ -38,6 +38,14 @@ def match_rows(rows: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tens
     return equal.float().argmax(1)
 
 
+def scored_positions(call: Call) -> torch.Tensor:
+    """``[R, L-1]`` mask of the decoder positions a next-token loss scores: the
+    model's labels when it has them (prompt and padding are -100), else its tokens."""
+    if call.labels is not None:
+        return call.labels[:, 1:] != -100
+    return call.attention_mask[:, 1:].bool()
+
+
 class BlipOutputs:
     """Lazily derived features of one BLIP forward pass."""
 
@@ -105,11 +113,7 @@ class BlipOutputs:
         call = self.call("decoder")
         if call.logits is None:
             raise DistillError(f"{type(self.model).__name__}'s decoder returned no logits")
-        if call.labels is not None:
-            mask = call.labels[:, 1:] != -100
-        else:
-            mask = call.attention_mask[:, 1:].bool()
-        return call.logits[:, :-1, :], mask
+        return call.logits[:, :-1, :], scored_positions(call)
 
     # -- per-layer
     def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

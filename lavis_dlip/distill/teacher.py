@@ -62,12 +62,18 @@ def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".", where: str
     return merged
 
 
-def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".") -> FrozenTeacher:
+def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool = False) -> FrozenTeacher:
+    """The frozen teacher; ``shape_only``: built on the meta device, no weights read
+    (its outputs come from a cache; terms need only its layout and widths)."""
     from lavis.common.registry import registry
 
     from lavis_dlip.models.tokenizer import tokenizer_source
 
     model_cfg = teacher_model_config(cfg, base_dir)
+    if shape_only:
+        from lavis_dlip.models.sources import build_model
+
+        return FrozenTeacher(build_model(model_cfg, meta=True))
     with tokenizer_source(model_cfg.get("tokenizer")):
         if cfg.get("load_weights", True):
             model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
@@ -108,26 +114,34 @@ class FrozenTeacher:
         self.model = model.eval().requires_grad_(False)
 
     def to(self, device: torch.device) -> FrozenTeacher:
-        self.model.to(device)
+        if not self.is_meta:
+            self.model.to(device)
         return self
+
+    @property
+    def is_meta(self) -> bool:
+        """Only the teacher's shape (terms and projections), its outputs read from a cache."""
+        return next(self.model.parameters()).is_meta
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def replay(self, image: torch.Tensor, student: Records, needs: set[str],
-               points: set[Point]) -> BlipOutputs:
+    def replay(self, image: Optional[torch.Tensor], student: Records, needs: set[str],
+               points: set[Point], image_embeds: Optional[torch.Tensor] = None) -> BlipOutputs:
         """Run the teacher's modules on what the student saw this step.
 
         ``needs`` picks the passes: ``image``, ``text``, ``fusion`` (positive pairs),
         ``fusion_neg`` (the student's hard negatives, same pairs), ``decoder``.
+        ``image_embeds``: the teacher's image embeddings, read from the cache (no ViT).
         """
         model = self.model
         model.eval()
         with Capture(model, points) as records:
-            image_embeds = model.visual_encoder.forward_features(image)
-            atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+            if image_embeds is None:
+                image_embeds = model.visual_encoder.forward_features(image)
+            atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
 
             fused = {}
 

@@ -64,6 +64,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def resolve_device(run_cfg) -> torch.device:
+    """``run.device`` (cpu, cuda, cuda:N or auto); a process of a distributed run on CUDA gets its own GPU."""
+    name = str(run_cfg.get("device", "auto"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is '{name}' but no CUDA device is visible; use 'cpu' or 'auto'")
+    if name == "cuda" and run_cfg.get("distributed", False):
+        name = f"cuda:{run_cfg.gpu}"
+    return torch.device(name)
+
+
 @registry.register_runner("runner_dlip")
 class RunnerDlip(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
@@ -77,16 +89,7 @@ class RunnerDlip(RunnerBase):
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            name = str(self.config.run_cfg.get("device", "auto"))
-            if name == "auto":
-                name = "cuda" if torch.cuda.is_available() else "cpu"
-            if name.startswith("cuda") and not torch.cuda.is_available():
-                raise ConfigError(
-                    f"run.device is '{name}' but no CUDA device is visible; use 'cpu' or 'auto'"
-                )
-            if name == "cuda" and self.use_distributed:
-                name = f"cuda:{self.config.run_cfg.gpu}"
-            self._device = torch.device(name)
+            self._device = resolve_device(self.config.run_cfg)
         return self._device
 
     @property
@@ -303,6 +306,8 @@ class RunnerDlip(RunnerBase):
         model.train()
         loader = self.train_loader
         loader.sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # the teacher cache's augmentation replay
+            loader.dataset.set_epoch(epoch)
         self._train_generator.manual_seed(int(self.config.run_cfg.get("seed", 42)) * 1000 + epoch)
         n_iters, accum = len(loader), self.accum_grad_iters
         sums: dict[str, float] = defaultdict(float)

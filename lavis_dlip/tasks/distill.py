@@ -17,6 +17,9 @@ from a frozen teacher (``distill`` section of the run yaml).
 
 The teacher lives on the task, outside the model: it is not optimised, not
 wrapped in DDP and not checkpointed. With ``run.evaluate: True`` it is not built.
+With ``distill.cache`` its outputs are read from a teacher-output cache
+(``distill/cache.py``): the train split replays the cached augmentations, and the
+teacher is built only as a shape (on the meta device) unless a term needs it online.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from lavis.tasks.retrieval import RetrievalTask
 from lavis.tasks.vqa import VQATask
 
 from lavis_dlip.distill import ATTRIBUTE, Distiller, FrozenTeacher, build_terms, load_teacher
+from lavis_dlip.distill.cache import (
+    BUILDING, VERSION as CACHE_VERSION, CacheReader, ReplayDataset, Spec, cache_config, data_key, teacher_key,
+)
 from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
@@ -39,6 +45,9 @@ class DistillTaskMixin:
     """Left of a LAVIS task: builds the teacher and terms, runs the distillation step."""
 
     teacher: Optional[FrozenTeacher] = None
+    cache: Optional[CacheReader] = None
+    cache_cfg: Optional[dict] = None
+    cache_dataset: Optional[ReplayDataset] = None  # the train split, replaying the cached augmentations
     RUNNER = "runner_dlip"  # its train step returns (loss, terms) and it places the teacher
 
     @classmethod
@@ -54,11 +63,44 @@ class DistillTaskMixin:
         distill = raw.get("distill")
         if distill is None:
             raise ConfigError(f"run.task '{task}' needs a top-level 'distill' section with teacher and terms")
-        check_keys(distill, ("teacher", "terms", "base_dir"), "distill")
+        check_keys(distill, ("teacher", "terms", "base_dir", "cache"), "distill")
         if distill.get("teacher") is None:
             raise ConfigError("missing key 'distill.teacher'")
         teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
         validate_terms(distill.get("terms"))
+        if not raw.run.get("evaluate", False):
+            cache_config(distill.get("cache"), distill.get("base_dir") or base_dir)
+
+    def build_datasets(self, cfg):
+        datasets = super().build_datasets(cfg)
+        distill = cfg.config.get("distill")
+        self.cache_cfg = None
+        if distill is None or cfg.run_cfg.get("evaluate", False):
+            return datasets
+        self.cache_cfg = cache_config(distill.get("cache"), distill.get("base_dir") or os.getcwd())
+        if self.cache_cfg is None:
+            return datasets
+        train = [name for name, splits in datasets.items() if "train" in splits]
+        if len(train) != 1:
+            raise ConfigError(f"distill.cache: caches one train split, the config has {len(train)} "
+                              f"({', '.join(train) or 'none'})")
+        name = train[0]
+        self.cache_dataset = ReplayDataset(datasets[name]["train"], self.cache_cfg["augmentations"],
+                                           self.cache_cfg["seed"])
+        self._cache_data = data_key(datasets[name]["train"], name, cfg.datasets_cfg[name])
+        datasets[name]["train"] = self.cache_dataset
+        return datasets
+
+    def cache_key(self, cfg, student) -> dict:
+        """What a cache for this run must have been built from (distill/cache.py)."""
+        distill, c = cfg.config.distill, self.cache_cfg
+        spec = Spec.from_terms(list(getattr(student, ATTRIBUTE).terms), c["topk"])
+        return {"version": CACHE_VERSION,
+                "teacher": teacher_key(distill.teacher, distill.get("base_dir") or os.getcwd()),
+                "data": self._cache_data,
+                "student_text": {k: str(cfg.model_cfg.get(k)) for k in ("arch", "tokenizer", "max_txt_len", "prompt")},
+                "augmentations": {"k": c["augmentations"], "seed": c["seed"]},
+                "fields": {"fields": spec.fields, "topk": c["topk"], "dtype": c["dtype"]}}
 
     def build_model(self, cfg):
         model = super().build_model(cfg)
@@ -68,14 +110,20 @@ class DistillTaskMixin:
         if distill is None:
             raise ConfigError(f"run.task {cfg.run_cfg.task} needs a top-level 'distill' section "
                               f"(teacher and terms); see docs/distillation.md")
-        self.teacher = load_teacher(distill.teacher, base_dir=distill.get("base_dir") or os.getcwd())
+        base_dir = distill.get("base_dir") or os.getcwd()
+        cached = self.cache_cfg is not None
+        self.teacher = load_teacher(distill.teacher, base_dir=base_dir, shape_only=cached and not BUILDING.get())
         check_compatible(model, self.teacher.model)
         setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model)))
+        if cached and not BUILDING.get():
+            self.cache = CacheReader(self.cache_cfg["dir"], self.cache_key(cfg, model))
+            if self.cache.online_fusion:  # itm_kd on the student's own negatives: the teacher's text encoder runs
+                self.teacher = load_teacher(distill.teacher, base_dir=base_dir)
         return model
 
     def train_step(self, model, samples):
         student = getattr(model, "module", model)  # DDP wraps it
-        return getattr(student, ATTRIBUTE).step(model, student, self.teacher, samples)
+        return getattr(student, ATTRIBUTE).step(model, student, self.teacher, samples, cache=self.cache)
 
 
 @registry.register_task("dlip_distill_pretrain")

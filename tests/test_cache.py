@@ -1,0 +1,164 @@
+"""The teacher-output cache: built once (resumably, by one or two processes),
+read back with the teacher's exact values for every term but lm_kd (top-k),
+refused when it was built for something else, and trained from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_cli
+
+RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
+RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, "
+                   "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, stream: vision}, "
+                   "{name: hidden, stream: text}, {name: hidden, stream: fusion}, "
+                   "{name: attention, stream: text}, {name: attention, stream: fusion, kind: cross}]")
+CASES = {
+    "retrieval": ("distill_retrieval", [RETRIEVAL_TERMS]),
+    "caption": ("distill_caption", ["distill.terms.4={name: embed, targets: [decoder_cls]}"]),
+    "vqa": ("distill_vqa", ["distill.terms.4={name: attention, stream: decoder, kind: cross}"]),
+}
+
+
+def _options(cache_dir, *extra) -> list[str]:
+    return [RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, dtype: float32, augmentations: 2, chunk: 128}}",
+            *extra]
+
+
+def _training_side(cfg_path, options):
+    """What train builds: the task (cache reader, teacher shape), the student with its terms."""
+    import lavis.tasks as tasks
+
+    from lavis_dlip.config import load_config
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    cfg = load_config(str(cfg_path), options)
+    task = tasks.setup_task(cfg)
+    task.build_datasets(cfg)
+    with tokenizer_source(cfg.model_cfg.get("tokenizer")):
+        student = task.build_model(cfg)
+    return cfg, task, student
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkeypatch):
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.distill import load_teacher
+    from lavis_dlip.distill.capture import Capture
+    from lavis_dlip.distill.outputs import BlipOutputs
+
+    monkeypatch.chdir(tmp_path)
+    name, extra = CASES[case]
+    options = _options(tmp_path / "cache", *extra)
+    stats = build_cache(str(CONFIGS / f"{name}.yaml"), options)
+
+    cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
+    n = len(task.cache_dataset)
+    assert stats["entries"] == 2 * n and stats["bytes"] > 0
+    assert task.teacher.is_meta  # training reads the cache: no teacher weights are loaded
+    teacher = load_teacher(cfg.config.distill.teacher, cfg.config.distill.base_dir)  # for the online values
+    distiller = student.dlip_distill
+    dataset = task.cache_dataset
+    dataset.set_epoch(1)
+    samples = dataset.collater([dataset[i] for i in (0, 5, 17, 40, n // 3, n // 2, n - 2, n - 1)])
+    assert sorted(set(samples["cache_aug"].tolist())) == [0, 1]  # both stored augmentations are read
+    samples.update(epoch=0, iters=0, num_iters_per_epoch=1)
+    student.eval()
+    with torch.no_grad(), Capture(student, distiller.student_points) as records:
+        output = student(samples)
+    s = BlipOutputs(student, records, output)
+    online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points)
+    cached = task.cache.outputs(samples, records, torch.device("cpu"))
+    compared = 0
+    for term in distiller.terms:
+        if term.teacher_free:
+            continue
+        with torch.no_grad():
+            want, got = float(term(s, online)), float(term(s, cached))
+        if term.NAME == "lm_kd":  # top-k plus the rest: a lower bound of the full KL
+            assert 0.0 <= got <= want + 1e-6, (term.key, got, want)
+        else:
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (term.key, got, want)
+        compared += 1
+    assert compared >= 3
+
+
+def test_topk_kl_is_the_full_kl_when_k_covers_the_vocabulary():
+    from lavis_dlip.distill.losses import soft_kl, topk_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(7, 50), torch.randn(7, 50) * 3
+    full = soft_kl(student, teacher, 2.0)
+    top = teacher.topk(50, dim=-1)
+    assert float(topk_kl(student, top.values, top.indices, torch.logsumexp(teacher / 2.0, -1), 2.0)) == \
+        pytest.approx(float(full), rel=1e-5)
+    top8 = teacher.topk(8, dim=-1)
+    partial = float(topk_kl(student, top8.values, top8.indices, torch.logsumexp(teacher / 2.0, -1), 2.0))
+    assert 0.0 < partial <= float(full)
+
+
+def _build_cmd(cache_dir) -> list[str]:
+    return [sys.executable, "-m", "lavis_dlip.cache_teacher", "--cfg-path", str(CONFIGS / "distill_retrieval.yaml"),
+            "--options", RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, chunk: 32}}", "run.progress=False"]
+
+
+def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data):
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_build_cmd(cache), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(cache.glob("chunk-*.pt"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in cache.glob("chunk-*.pt")}
+    assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 24, "the build ended before it could be killed"
+
+    # an unfinished cache is refused, before anything is written
+    out = tmp_path / "out"
+    opts = [RANDOM_TEACHER, f"distill.cache={cache}", f"run.output_dir={out}", "run.max_epoch=1"]
+    refused = run_cli("lavis_dlip.train", CONFIGS / "distill_retrieval.yaml", *opts, cwd=tmp_path)
+    assert refused.returncode == 2 and "holds an unfinished cache" in refused.stderr and not out.exists()
+
+    resumed = subprocess.run(_build_cmd(cache), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list(cache.glob("chunk-*.pt"))) == 24  # 768 samples / 32
+    assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks were not redone
+    assert not list(cache.glob(".tmp-*"))
+
+    # built for another teacher (a wider one) or other augmentations: refused, the difference named
+    for option, words in (("distill.teacher.overrides.vision.width=48", "another teacher"),
+                          (f"distill.cache={{dir: {cache}, augmentations: 2}}", "other augmentations")):
+        stale = run_cli("lavis_dlip.train", CONFIGS / "distill_retrieval.yaml", *opts, option, cwd=tmp_path)
+        assert stale.returncode == 2 and words in stale.stderr and "rebuild it" in stale.stderr, stale.stderr[-2000:]
+    assert not out.exists()
+
+    check(run_cli("lavis_dlip.train", CONFIGS / "distill_retrieval.yaml", *opts, cwd=tmp_path))
+    job = output_dirs(out)[0]
+    assert read_metrics(job)["test"]["r_mean"] > 0
+
+
+def test_two_processes_build_the_same_cache(tmp_path, demo_test_data):
+    one, two = tmp_path / "one", tmp_path / "two"
+    check(subprocess.run(_build_cmd(one), cwd=tmp_path, capture_output=True, text=True, timeout=600))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *_build_cmd(two)[1:]]
+    check(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env))
+    for chunk in sorted(one.glob("chunk-*.pt")):
+        a = torch.load(chunk, weights_only=True)["entries"]
+        b = torch.load(two / chunk.name, weights_only=True)["entries"]
+        assert len(a) == len(b)
+        for ea, eb in zip(a, b):
+            assert ea.keys() == eb.keys()
+            for field in ea:
+                if field == "text_len":
+                    assert ea[field] == eb[field]
+                    continue
+                for ra, rb in zip(ea[field], eb[field]):
+                    torch.testing.assert_close(ra, rb, rtol=1e-3, atol=1e-3)
