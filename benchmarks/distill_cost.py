@@ -50,7 +50,7 @@ def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
 
     torch.save({"entries": entries}, os.path.join(directory, cache.chunk_name(0)))
     manifest = {"version": cache.VERSION, "key": key, "fields": spec.fields, "chunk": len(entries),
-                "samples": len(entries), "temp": temp, "complete": True}
+                "samples": len(entries), "augmentations": 1, "temp": temp, "complete": True}
     Path(directory, cache.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -70,6 +70,7 @@ def measure(config: str, options: list, args, device) -> dict:
     samples = {"image": torch.randn(args.batch, 3, size, size, device=device),
                "text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)],
                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1,
+               "image_id": torch.arange(args.batch),  # retrieval's positives
                "cache_index": torch.arange(args.batch), "cache_aug": torch.zeros(args.batch, dtype=torch.long)}
 
     with torch.no_grad(), Capture(student, distiller.student_points) as records:

@@ -366,7 +366,7 @@ class CacheReader:
             raise CacheError(f"distill.cache: {directory} holds no complete cache; build it with {BUILD_COMMAND}")
         compare_keys(expected_key, manifest["key"], directory)
         self.directory, self.manifest = Path(directory), manifest
-        self.chunk, self.augmentations = int(manifest["chunk"]), int(manifest["key"]["augmentations"]["k"])
+        self.chunk, self.augmentations = int(manifest["chunk"]), int(manifest["augmentations"])
         self.temp = float(manifest["temp"]) if manifest.get("temp") is not None else None
         self.online_fusion = "image_embeds" in manifest["fields"]
         self._open: dict[int, Any] = {}
@@ -485,6 +485,7 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
     n, chunk, k_aug = len(dataset), int(cache_cfg["chunk"]), int(cache_cfg["augmentations"])
     temp = getattr(teacher.model, "temp", None)
     manifest = {"version": VERSION, "key": dict(key), "fields": spec.fields, "chunk": chunk, "samples": n,
+                "augmentations": k_aug,
                 "temp": None if temp is None else float(temp.clamp(0.001, 0.5)), "complete": False}
     if is_main_process():
         directory.mkdir(parents=True, exist_ok=True)
