@@ -16,7 +16,7 @@ import torch
 from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_cli
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
-RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, "
+RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, {name: itm_kd, key: itm_all}, "
                    "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, stream: vision}, "
                    "{name: hidden, stream: text}, {name: hidden, stream: fusion}, "
                    "{name: attention, stream: text}, {name: attention, stream: fusion, kind: cross}]")
@@ -62,7 +62,9 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
     n = len(task.cache_dataset)
     assert stats["entries"] == 2 * n and stats["bytes"] > 0
-    assert task.teacher.is_meta  # training reads the cache: no teacher weights are loaded
+    # training reads the cache: no teacher weights are loaded unless itm_kd scores the student's negatives
+    assert task.teacher.is_meta != task.cache.online_fusion
+    assert task.cache.online_fusion == (case == "retrieval")
     teacher = load_teacher(cfg.config.distill.teacher, cfg.config.distill.base_dir)  # for the online values
     distiller = student.dlip_distill
     dataset = task.cache_dataset
@@ -75,7 +77,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
         output = student(samples)
     s = BlipOutputs(student, records, output)
     online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points)
-    cached = task.cache.outputs(samples, records, torch.device("cpu"))
+    cached = task.cache.outputs(samples, records, teacher)
     compared = 0
     for term in distiller.terms:
         if term.teacher_free:

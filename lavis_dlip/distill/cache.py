@@ -19,8 +19,8 @@ replaying it every step ("dataset reinforcement", as MobileCLIP does at scale).
   term but ``lm_kd``, whose teacher distribution is kept as its top-k tokens
   plus one bucket for the rest (the KL of that coarsening; it is a lower bound
   of the full KL). ``itm_kd`` with ``pairs: all`` scores the student's own hard
-  negatives, unknown in advance: the cache then stores the teacher's image
-  embeddings and its text encoder runs online on both pair sets (no ViT).
+  negatives, unknown in advance: the cache then also stores the teacher's image
+  embeddings, and its text encoder runs online on the negative pairs only (no ViT).
 * **Keyed** by the teacher (config and weights' sha256), the data (annotations,
   processors), the student's text handling, the augmentations and the stored
   fields: a cache built for anything else is refused with the difference named.
@@ -167,9 +167,8 @@ class Spec:
             fields |= term.cache_fields()
         online = "online_fusion" in fields
         fields.discard("online_fusion")
-        if online:  # everything fused is recomputed online from the cached image embeddings
-            fields = {f for f in fields if f not in ("itm_pos", "fusion_cls") and not f.startswith("fusion.")}
-            fields.add("image_embeds")
+        if online:  # positives from the cache; negatives scored online from the cached image embeddings
+            fields |= {"itm_pos", "image_embeds"}
         return cls(sorted(fields), online, topk)
 
     @property
@@ -382,8 +381,10 @@ class CacheReader:
                                  f"delete it and run {BUILD_COMMAND} again to rebuild it") from None
         return self._open[c]["entries"][(index - c * self.chunk) * self.augmentations + aug]
 
-    def outputs(self, samples: Mapping, records, device: torch.device) -> CachedOutputs:
-        """The teacher's outputs for this batch, padded to the student's token lengths."""
+    def outputs(self, samples: Mapping, records, teacher=None) -> CachedOutputs:
+        """The teacher's outputs for this batch, padded to the student's token lengths;
+        ``teacher`` scores the student's hard negatives when ``itm_kd`` needs them."""
+        device = samples["image"].device
         keys = list(zip(samples["cache_index"].tolist(), samples["cache_aug"].tolist()))
         entries = [self.entry(i, k) for i, k in keys]
         call = records.find("text") or records.find("fusion")
@@ -409,7 +410,11 @@ class CacheReader:
                 fields[field] = torch.stack(rows).to(device)
             else:
                 fields[field] = torch.stack([r.float() for r in rows]).to(device)
-        return CachedOutputs(fields, self.temp)
+        out = CachedOutputs(fields, self.temp)
+        if self.online_fusion:  # the student's own hard negatives: the teacher's text encoder, no ViT
+            negatives = teacher.replay(None, records, {"fusion_neg"}, set(), image_embeds=fields["image_embeds"])
+            out.negatives = negatives.itm_logits("positives")  # its only fused pass: the negative pairs
+        return out
 
 
 def chunk_name(c: int) -> str:
@@ -418,10 +423,11 @@ def chunk_name(c: int) -> str:
 
 class CachedOutputs:
     """The teacher's side of the terms (``BlipOutputs``' names), read from the cache;
-    fused-pair quantities from ``online`` when the teacher's text encoder ran."""
+    ``negatives``: the teacher's ITM logits of the student's hard negatives, run online."""
 
-    def __init__(self, fields: dict[str, Any], temp: Optional[float], online=None):
-        self.fields, self.temp, self.online = fields, temp, online
+    def __init__(self, fields: dict[str, Any], temp: Optional[float]):
+        self.fields, self.temp = fields, temp
+        self.negatives: Optional[torch.Tensor] = None
 
     def _get(self, field: str):
         if field not in self.fields:
@@ -442,12 +448,15 @@ class CachedOutputs:
 
     @property
     def fusion_cls(self):
-        return self.online.fusion_cls if self.online is not None else self._get("fusion_cls")
+        return self._get("fusion_cls")
 
     def itm_logits(self, pairs: str = "all"):
-        if self.online is not None:
-            return self.online.itm_logits(pairs)
-        return self._get("itm_pos")
+        if pairs == "positives":
+            return self._get("itm_pos")
+        if self.negatives is None:
+            raise CacheError("distill.cache: itm_kd with pairs: all needs the teacher's scores of the student's "
+                             "negatives, which are computed online; this step computed none")
+        return torch.cat([self._get("itm_pos"), self.negatives])
 
     @property
     def decoder_cls(self):
@@ -457,8 +466,6 @@ class CachedOutputs:
         return self._get(f"lm_t{temperature:g}")
 
     def layer(self, stream: str, kind: str, index: int):
-        if stream == "fusion" and self.online is not None:
-            return self.online.layer(stream, kind, index)
         return self._get(f"{stream}.{kind}.{index}"), None
 
 

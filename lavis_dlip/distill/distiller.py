@@ -41,11 +41,7 @@ class Distiller(nn.Module):
         s = BlipOutputs(student, records, output)
         t = None
         if self.uses_teacher and cache is not None:
-            t = cache.outputs(samples, records, samples["image"].device)
-            if cache.online_fusion:  # the student's own hard negatives: the teacher's text encoder, no ViT
-                fusion = {p for p in self.teacher_points if p[0] == "fusion"}
-                t.online = teacher.replay(None, records, {"fusion", "fusion_neg"}, fusion,
-                                          image_embeds=t.fields["image_embeds"])
+            t = cache.outputs(samples, records, teacher)
         elif self.uses_teacher:
             t = teacher.replay(samples["image"], records, self.needs, self.teacher_points)
         values = {term.key: term(s, t) for term in self.terms}

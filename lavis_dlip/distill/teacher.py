@@ -155,7 +155,7 @@ class FrozenTeacher:
             if "text" in needs:
                 call = _need(student.find("text"), "text")
                 model.text_encoder(call.input_ids, attention_mask=call.attention_mask, return_dict=True, mode="text")
-            if "fusion" in needs or "fusion_neg" in needs:
+            if "fusion" in needs:
                 fuse(0)
             if "fusion_neg" in needs:
                 fuse(1)
