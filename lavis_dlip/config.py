@@ -213,6 +213,8 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
     for opt in opts:  # update() also reaches list items: distill.terms.0.weight=2
         key, value = opt.split("=", 1)
         OmegaConf.update(raw, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+    if evaluate and raw.get("run") is not None:  # evaluation builds no teacher and reads no cache
+        raw.run.evaluate = True
     validate(raw, cfg_path, evaluate=evaluate)
 
     cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=opts))

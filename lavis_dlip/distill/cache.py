@@ -157,7 +157,7 @@ class Spec:
     """The fields the terms read, and the teacher passes that make them."""
 
     fields: list[str]
-    online_fusion: bool  # itm_kd on the student's hard negatives: fusion runs online
+    online_fusion: bool  # itm_kd on the student's hard negatives: they are scored online
     topk: int
 
     @classmethod
