@@ -151,10 +151,6 @@ def _check_model(cfg, evaluate: bool) -> None:
     if resume and not evaluate:
         files.append((resume, "run.resume_ckpt_path"))
     for path, key in files:
-        if key.endswith(".source"):  # a timm/DeiT file (or URL) or a Hugging Face BERT directory
-            if not checkpoint.is_url(str(path)) and not os.path.exists(checkpoint.local_path(str(path))):
-                raise ConfigError(f"{key}: {path}: no such file or directory")
-            continue
         checkpoint.check_exists(str(path), key)
     for source, key in tokenizers:
         if source:
@@ -162,7 +158,9 @@ def _check_model(cfg, evaluate: bool) -> None:
 
 
 def _init_files(init) -> list[tuple[str, str]]:
-    """Files ``model.init`` reads: its teacher's checkpoint, pretrained sources."""
+    """Checkpoints ``model.init`` reads (its teacher's); its pretrained sources, a
+    timm/DeiT file or URL or a Hugging Face BERT directory, are checked here."""
+    from lavis_dlip import checkpoint
     from lavis_dlip.models.init import parse_init
 
     files = []
@@ -172,8 +170,10 @@ def _init_files(init) -> list[tuple[str, str]]:
     elif teacher is not None and teacher.get("checkpoint") and teacher.get("load_weights", True):
         files.append((teacher.checkpoint, "model.init.teacher.checkpoint"))
     for module, (spec, strategy, _) in parse_init(init).items():
-        if strategy == "pretrained" and spec.get("source"):
-            files.append((spec["source"], f"model.init.{module}.source"))
+        source = str(spec.get("source") or "")
+        if strategy == "pretrained" and source and not checkpoint.is_url(source) \
+                and not os.path.exists(checkpoint.local_path(source)):
+            raise ConfigError(f"model.init.{module}.source: {source}: no such file or directory")
     return files
 
 

@@ -81,16 +81,22 @@ def cache_config(raw: Any, base_dir: str = ".") -> Optional[dict[str, Any]]:
         raise ConfigError(f"distill.cache.dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     cfg["dir"] = os.path.join(base_dir, os.path.expanduser(str(cfg["dir"])))
     if not BUILDING.get():
-        manifest = read_manifest(cfg["dir"])
-        if manifest is None or not manifest.get("complete"):
-            state = "holds no cache" if manifest is None else "holds an unfinished cache (the build was stopped)"
-            raise CacheError(f"distill.cache: {cfg['dir']} {state}; build it with {BUILD_COMMAND}")
+        complete_manifest(cfg["dir"])
     return cfg
 
 
 def read_manifest(directory: str) -> Optional[dict[str, Any]]:
     path = Path(directory) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def complete_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of a finished cache, or a ``CacheError`` that says how to build it."""
+    manifest = read_manifest(directory)
+    if manifest is None or not manifest.get("complete"):
+        state = "holds no cache" if manifest is None else "holds an unfinished cache (the build was stopped)"
+        raise CacheError(f"distill.cache: {directory} {state}; build it with {BUILD_COMMAND}")
+    return manifest
 
 
 # ----------------------------------------------------------------------------- augmentation replay
@@ -197,23 +203,18 @@ def _rows_per_sample(samples: Mapping, batch: int, stream: str) -> list[int]:
 
 
 def _trim(x: torch.Tensor, kind: str, length: int) -> torch.Tensor:
-    """One row's tensor cut to its ``length`` tokens (right padding)."""
-    if kind == "hidden":
-        return x[:length]
-    if kind == "attn":
-        return x[:, :length, :length]
-    return x[:, :length]  # cross: queries are tokens, keys the image
+    """One row's tensor cut to its ``length`` tokens (right padding): the token dim is
+    the second to last (hidden ``[L, W]``, cross ``[H, L, keys]``); self-attention
+    ``[H, L, L]`` has tokens as keys too."""
+    return x[..., :length, :length] if kind == "attn" else x[..., :length, :]
 
 
 def _pad(x: torch.Tensor, kind: str, length: int) -> torch.Tensor:
-    missing = length - (x.shape[0] if kind == "hidden" else x.shape[1])
+    """``_trim``'s inverse: zeros up to the batch's ``length`` tokens."""
+    missing = length - x.shape[-2]
     if missing <= 0:
         return x
-    if kind == "hidden":
-        return F.pad(x, (0, 0, 0, missing))
-    if kind == "attn":
-        return F.pad(x, (0, missing, 0, missing))
-    return F.pad(x, (0, 0, 0, missing))
+    return F.pad(x, (0, missing if kind == "attn" else 0, 0, missing))
 
 
 def _fit_last(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -255,18 +256,18 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
             else:
                 lens = lengths(stream)
                 put(field, x, stream, lambda r, row, lens=lens, kind=kind: _trim(row, kind, int(lens[r])))
-        elif field.startswith("lm_t"):
-            logits = t.call("decoder").logits[:, :-1, :].float()
+        elif field.startswith("lm_t"):  # only at scored positions, as lm_kd reads them
             keep = scored_positions(student_records.find("decoder"))
-            temp = temperatures[field]
+            logits = t.call("decoder").logits[:, :-1, :][keep].float()
             top = logits.topk(spec.topk, dim=-1)
-            lse = torch.logsumexp(logits / temp, dim=-1)
+            lse = torch.logsumexp(logits / temperatures[field], dim=-1)
+            ends = keep.sum(1).cumsum(0).tolist()
 
-            def lm_row(r, _row, keep=keep, top=top, lse=lse):
-                k = keep[r]
-                return {"values": top.values[r][k], "indices": top.indices[r][k].int(), "lse": lse[r][k]}
+            def lm_row(r, _row, top=top, lse=lse, ends=ends):
+                a, b = (ends[r - 1] if r else 0), ends[r]
+                return {"values": top.values[a:b], "indices": top.indices[a:b].int(), "lse": lse[a:b]}
 
-            put(field, logits, "decoder", lm_row)
+            put(field, keep, "decoder", lm_row)
         else:
             stream = "decoder" if field == "decoder_cls" else "vision"
             value = {"image_feat": lambda: t.image_feat, "text_feat": lambda: t.text_feat,
@@ -360,9 +361,7 @@ class CacheReader:
     """Entries of a complete cache, memory-mapped chunk by chunk."""
 
     def __init__(self, directory: str, expected_key: Mapping[str, Any]):
-        manifest = read_manifest(directory)
-        if manifest is None or not manifest.get("complete"):
-            raise CacheError(f"distill.cache: {directory} holds no complete cache; build it with {BUILD_COMMAND}")
+        manifest = complete_manifest(directory)
         compare_keys(expected_key, manifest["key"], directory)
         self.directory, self.manifest = Path(directory), manifest
         self.chunk, self.augmentations = int(manifest["chunk"]), int(manifest["augmentations"])
@@ -404,12 +403,12 @@ class CacheReader:
             elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
                 call = records.find(parts[0])
                 length = call.attention_mask.shape[1]
-                rows = [_pad(r.float(), parts[1], length) for r in rows]
+                rows = [_pad(r, parts[1], length) for r in rows]
                 if parts[1] == "cross":  # keys: the memory, padded per batch when it is text (VQA's question)
                     rows = [_fit_last(r, call.encoder_hidden_states.shape[1]) for r in rows]
-                fields[field] = torch.stack(rows).to(device)
+                fields[field] = torch.stack(rows).to(device).float()  # moved in the stored dtype
             else:
-                fields[field] = torch.stack([r.float() for r in rows]).to(device)
+                fields[field] = torch.stack(rows).to(device).float()
         out = CachedOutputs(fields, self.temp)
         if self.online_fusion:  # the student's own hard negatives: the teacher's text encoder, no ViT
             negatives = teacher.replay(None, records, {"fusion_neg"}, set(), image_embeds=fields["image_embeds"])
