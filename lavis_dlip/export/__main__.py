@@ -1,0 +1,5 @@
+import sys
+
+from lavis_dlip.export import main
+
+sys.exit(main())
