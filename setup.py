@@ -50,6 +50,7 @@ setup(
             "dlip-evaluate=lavis_dlip.evaluate:main",
             "dlip-demo=lavis_dlip.demo:main",
             "dlip-cache-teacher=lavis_dlip.cache_teacher:main",
+            "dlip-export=lavis_dlip.export:main",
         ]
     },
 )

@@ -84,6 +84,27 @@ def build_model(model_cfg: Any, meta: bool = True) -> nn.Module:
         return cls.from_config(cfg)
 
 
+def trained_model(cfg_path: str, weights: str, options: Any = ()) -> tuple[nn.Module, Any]:
+    """The model of a run yaml (its ``model`` section over its ``model_type`` defaults,
+    ``options`` applied) with the checkpoint ``weights``, in eval mode; and that config.
+    ``model.init`` is skipped: the checkpoint replaces every weight."""
+    from lavis.common.registry import registry
+
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    checkpoint.check_exists(str(weights), "--checkpoint")
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options)))
+    if "model" not in raw or "arch" not in raw.model:
+        raise ConfigError(f"{cfg_path}: no model.arch; give a run yaml with a model section")
+    cls = registry.get_model_class(raw.model.arch)
+    if cls is None:
+        raise ConfigError(f"{cfg_path}: model.arch '{raw.model.arch}' is not a registered model")
+    defaults = OmegaConf.load(cls.default_config_path(raw.model.get("model_type", "base"))).model
+    model_cfg = OmegaConf.merge(defaults, raw.model, {"init": None, "finetuned": str(weights), "load_finetuned": True})
+    with tokenizer_source(model_cfg.get("tokenizer")):
+        return cls.from_config(model_cfg).eval(), model_cfg
+
+
 # ----------------------------------------------------------------------------- one filter per source
 def lavis_teacher(spec: Any, where: str) -> Source:
     """A LAVIS BLIP checkpoint and the model config it was saved from."""
