@@ -2,13 +2,17 @@
 
 For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student}_<task>.yaml``):
 
-1. **teacher**: train a small BLIP model on the embedded demo data, or reuse its
-   cached checkpoint;
-2. **distilled**: initialise a student from it (``teacher_reduced``) and distill
-   it with DLIP's loss terms;
-3. **not distilled**: train the same student without a teacher;
-4. evaluate all three with LAVIS's metrics, time their inference side by side,
-   and print one table with the time of every stage.
+1. **teacher**: train a small BLIP model on the embedded demo data (its text
+   encoder from the offline all-MiniLM-L6-v2, like BLIP's from BERT), or reuse
+   its cached checkpoint;
+2. **teacher cache**: run the teacher once over the training split and store what
+   the distillation terms read (``python -m lavis_dlip.cache_teacher``), or reuse it;
+3. **distilled**: initialise a student from the teacher (``teacher_reduced``) and
+   distill it with DLIP's loss terms, reading the teacher's outputs from the cache;
+4. **not distilled**: train the same student without a teacher;
+5. evaluate all three with LAVIS's metrics, time their inference side by side,
+   print one table with the time of every stage and plot quality against size
+   and latency (``demo.png`` in the output directory).
 """
 
 from __future__ import annotations
@@ -49,12 +53,18 @@ def _job_dir(root: Path) -> Path:
     return max((p.parent for p in root.rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
 
 
+def _trained(job: Path) -> Path:
+    """The checkpoint a run tested: the best by validation, else its last epoch's."""
+    best = job / "checkpoint_best.pth"
+    return best if best.is_file() else job / "checkpoint_latest.pth"
+
+
 def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
     """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
     from lavis_dlip.cli import run
 
     cache = teacher_cache(cfg_path, data_dir, options)
-    ckpt, metrics = cache / "checkpoint_best.pth", cache / "metrics.json"
+    ckpt, metrics = cache / "checkpoint.pth", cache / "metrics.json"
     if ckpt.is_file() and metrics.is_file():
         logger.info("reusing the demo teacher in %s (delete it to retrain)", cache)
         record = json.loads(metrics.read_text())
@@ -68,11 +78,32 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(job / "checkpoint_best.pth", tmp / "checkpoint_best.pth")
+    shutil.copy2(_trained(job), tmp / "checkpoint.pth")
     (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)  # complete or absent, never half written
     return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}
+
+
+def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> dict:
+    """The distillation run's teacher-output cache, kept beside its teacher (keyed by the
+    yaml's model, data and distill sections and the options, not its schedule; the
+    cache's own key refuses anything stale)."""
+    from omegaconf import OmegaConf
+
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.distill.cache import read_manifest
+
+    raw = OmegaConf.load(cfg_path)
+    what = OmegaConf.to_yaml({k: raw.get(k) for k in ("model", "datasets", "distill")})
+    key = hashlib.sha256("\n".join([what, *options]).encode()).hexdigest()[:10]
+    directory = teacher_dir / f"cache-{cfg_path.stem}-{key}"
+    reused = bool((read_manifest(str(directory)) or {}).get("complete"))
+    t0 = time.time()
+    stats = build_cache(str(cfg_path), [*options, f"distill.cache={directory}"])
+    seconds = time.time() - t0
+    return {"dir": directory, "seconds": seconds, "cached": reused, "built_s": stats.get("build_s_this_run"),
+            "bytes": stats["bytes"], "entries": stats["entries"], "bytes_per_entry": stats["bytes_per_entry"]}
 
 
 def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> dict:
@@ -81,22 +112,14 @@ def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> d
     t0 = time.time()
     metrics = run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
     job = _job_dir(output_dir)
-    return {"checkpoint": job / "checkpoint_best.pth", "test": metrics.get("test", {}), "seconds": time.time() - t0}
+    return {"checkpoint": _trained(job), "test": metrics.get("test", {}), "seconds": time.time() - t0}
 
 
 def load_trained(cfg_path: Path, checkpoint: Path):
     """The model of a run yaml with trained weights (for timing and counting)."""
-    from lavis.common.registry import registry
-    from omegaconf import OmegaConf
+    from lavis_dlip.models.sources import trained_model
 
-    from lavis_dlip.models.tokenizer import tokenizer_source
-
-    model_cfg = OmegaConf.load(cfg_path).model
-    model_cls = registry.get_model_class(model_cfg.arch)
-    model_cfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(model_cfg.model_type)).model,
-                                model_cfg, {"init": None, "finetuned": str(checkpoint), "load_finetuned": True})
-    with tokenizer_source(model_cfg.get("tokenizer")):
-        return model_cls.from_config(model_cfg).eval()
+    return trained_model(str(cfg_path), str(checkpoint))[0]
 
 
 def timings(models: dict[str, Any], repeats: int) -> dict[str, dict]:
@@ -135,9 +158,10 @@ def run_task(task: str, data: Path, out: Path, options: Sequence[str], repeats: 
     cfgs = {stage: DEMO_DIR / f"{stage}_{task}.yaml" for stage in ("teacher", "distill", "student")}
     stages = {"teacher": train_or_reuse_teacher(cfgs["teacher"], data, out / "teacher", options)}
     ckpt = stages["teacher"]["checkpoint"]
-    stages["distilled"] = train_student(
-        cfgs["distill"], out / "distilled",
-        [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options])
+    distill_opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options]
+    cache = build_or_reuse_cache(cfgs["distill"], ckpt.parent, distill_opts)
+    stages["distilled"] = train_student(cfgs["distill"], out / "distilled",
+                                        [*distill_opts, f"distill.cache={cache['dir']}"])
     stages["not distilled"] = train_student(cfgs["student"], out / "not_distilled", options)
 
     torch.manual_seed(0)
@@ -155,6 +179,7 @@ def run_task(task: str, data: Path, out: Path, options: Sequence[str], repeats: 
             "retained": 100.0 * value / teacher_score if teacher_score else None,
             "seconds": stage["seconds"], "cached": stage.get("cached", False), "trained_s": stage.get("trained_s"),
         })
+    rows[1]["teacher_cache"] = {k: str(v) if k == "dir" else v for k, v in cache.items()}
     return rows
 
 
@@ -172,7 +197,43 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 5, dat
         if data_preset != "demo":
             opts.insert(0, f"datasets.{TASKS[task][0]}.base_dir={data}")
         rows += run_task(task, data, out / task, opts, repeats)
-    return {"rows": rows, "total_s": time.time() - start, "data": str(data)}
+    result = {"rows": rows, "total_s": time.time() - start, "data": str(data)}
+    result["plot"] = str(plot(result, out / "demo.png"))
+    return result
+
+
+MARKERS = {"teacher": "o", "distilled": "*", "not distilled": "X"}
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Quality against parameters (top row) and against latency (bottom row), one column
+    per task: where each model sits on the size/speed/quality trade-off (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in result["rows"]))
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7.0), squeeze=False)
+    for j, task in enumerate(tasks):
+        rows = [r for r in result["rows"] if r["task"] == task]
+        for i, (key, label, scale) in enumerate((("params", "parameters (M)", 1e-6),
+                                                  ("latency_ms", "inference latency (ms, CPU)", 1.0))):
+            ax = axes[i][j]
+            for r in rows:
+                ax.scatter(r[key] * scale, r["score"], marker=MARKERS[r["model"]], s=140, label=r["model"])
+            ax.set_xlabel(label)
+            ax.set_ylabel(TASKS[task][1])
+            ax.set_title(f"{task}: {TASKS[task][1]} vs {label.split(' (')[0]}", fontsize=10)
+            ax.set_xlim(left=0)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower right")
+    fig.suptitle("lavis-dlip demo: teacher, distilled and not-distilled students (test split)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def print_table(result: dict) -> None:
@@ -190,6 +251,18 @@ def print_table(result: dict) -> None:
           "re-ranking of 16, batch 64; captioning: image encoding and beam-3 generation of 20 tokens; VQA: encoding "
           "and beam-3 generation of 10-token answers), CPU, measured side by side. "
           f"Total wall time: {result['total_s'] / 60:.1f} min.")
+    print("\nTeacher-output caches (what the distilled students trained from):\n")
+    print("| task | entries | size | per sample | build time |")
+    print("|---|---|---|---|---|")
+    for r in result["rows"]:
+        c = r.get("teacher_cache")
+        if c:
+            built = f"{c['built_s'] / 60:.1f} min" if c.get("built_s") is not None else "n/a"
+            built = f"reused (built in {built})" if c["cached"] else built
+            print(f"| {r['task']} | {c['entries']} | {c['bytes'] / 2**20:.1f} MiB "
+                  f"| {c['bytes_per_entry'] / 1024:.1f} KiB | {built} |")
+    if result.get("plot"):
+        print(f"\nPlot: {result['plot']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

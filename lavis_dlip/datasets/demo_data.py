@@ -59,6 +59,7 @@ class Preset:
     captions_per_train_image: int
     captions_per_eval_image: int
     questions_per_image: int
+    caption_train_per_image: int  # of the training captions, how many the captioning split uses
 
 
 def load_preset(name: str) -> Preset:
@@ -231,7 +232,8 @@ def generate(preset: Preset, out: Path) -> None:
         files[f"vqa_{split}.json"] = vqa
         if split == "train":
             files["pairs_train.json"] = [{"image": r["image"], "caption": r["caption"]} for r in retrieval]
-            files["caption_train.json"] = retrieval
+            files["caption_train.json"] = [r for i, r in enumerate(retrieval)
+                                           if i % preset.captions_per_train_image < preset.caption_train_per_image]
         else:
             files[f"caption_{split}.json"] = captions_eval
             files[f"caption_{split}_gt.json"] = {"images": gt_images, "annotations": gt_anns}
