@@ -513,7 +513,8 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
     if hasattr(student, "_dequeue_and_enqueue"):
         student._dequeue_and_enqueue = lambda *args, **kwargs: None
     start, reported = time.time(), False
-    bar = tqdm(total=len(todo) * chunk * k_aug, desc="teacher cache", disable=not (progress and is_main_process()),
+    to_write = sum(min(n, (c + 1) * chunk) - c * chunk for c in todo) * k_aug
+    bar = tqdm(total=to_write, desc="teacher cache", disable=not (progress and is_main_process()),
                dynamic_ncols=True, mininterval=1.0)
     for c in todo:
         pairs = [(i, a) for i in range(c * chunk, min(n, (c + 1) * chunk)) for a in range(k_aug)]

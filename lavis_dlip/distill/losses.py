@@ -65,10 +65,12 @@ def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     two distributions coarsened to those k tokens plus one bucket for the rest, a
     lower bound of the full KL that meets it as the rest's mass goes to zero."""
     t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    z = student_logits / t
+    # the student's log-probabilities of the k tokens only: a logsumexp over the vocabulary,
+    # no [N, vocab] log-softmax written and read back
     log_pt = values.float() / t - lse[:, None]
     pt = log_pt.exp()
-    log_ps = log_p_s.gather(-1, indices.long())
+    log_ps = z.gather(-1, indices.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
     rest_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
     rest_s = (1.0 - log_ps.exp().sum(-1)).clamp_min(1e-12)  # finite gradients even when k covers everything
     kl = (pt * (log_pt - log_ps)).sum(-1) + rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log())
