@@ -56,6 +56,9 @@ class Exported:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # idle ONNX Runtime threads otherwise spin after each call, taking the cores from
+        # whatever runs next in the process (the tokenizer, PyTorch, the next graph)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {p.stem: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for p in sorted(self.directory.glob("*.onnx"))}
 

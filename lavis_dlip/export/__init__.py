@@ -33,20 +33,20 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     start = time.time()
-    model, model_cfg = trained_model(cfg_path, checkpoint, options)
+    model, _ = trained_model(cfg_path, checkpoint, options)
     kind = hf.kind_of(model)
     target = Path(out)
     tmp = target.with_name(target.name + ".tmp")  # a failed export leaves no half-written directory
     shutil.rmtree(tmp, ignore_errors=True)
     if fmt == "hf":
-        info = hf.export_hf(model, model_cfg, tmp)
+        info = hf.export_hf(model, tmp)
     else:
         from omegaconf import OmegaConf
 
         run_cfg = OmegaConf.load(cfg_path).get("run") or {}
         files = onnx.export_onnx(model, kind, tmp)
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        serve_cfg = onnx.serving_config(model, kind, hf.image_settings(model_cfg, model), run_cfg)
+        serve_cfg = onnx.serving_config(model, kind, hf.image_settings(model), run_cfg)
         (tmp / "serve.json").write_text(json.dumps(serve_cfg, indent=2))
         from lavis_dlip import serve
 

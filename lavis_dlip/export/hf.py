@@ -144,8 +144,9 @@ def hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
     return out, dropped
 
 
-def image_settings(model_cfg: Any, model: nn.Module) -> dict[str, Any]:
-    """The eval image preprocessing (LAVIS's blip_image_eval): size, mean, std, bicubic."""
+def image_settings(model: nn.Module) -> dict[str, Any]:
+    """The eval image preprocessing (LAVIS's blip_image_eval, its default mean and std):
+    size, mean, std, bicubic."""
     from lavis.processors.blip_processors import BlipImageBaseProcessor
 
     base = BlipImageBaseProcessor()
@@ -154,7 +155,7 @@ def image_settings(model_cfg: Any, model: nn.Module) -> dict[str, Any]:
             "std": list(map(float, norm.std)), "resample": "bicubic"}
 
 
-def export_hf(model: nn.Module, model_cfg: Any, out: Path) -> dict[str, Any]:
+def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     """Write ``out`` so that ``Blip*.from_pretrained(out)`` and ``BlipProcessor.from_pretrained(out)``
     load it; returns what was written and dropped."""
     import transformers
@@ -179,7 +180,7 @@ def export_hf(model: nn.Module, model_cfg: Any, out: Path) -> dict[str, Any]:
     hf_model.load_state_dict(state, strict=False)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
-    img = image_settings(model_cfg, model)
+    img = image_settings(model)
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": img["image_size"], "width": img["image_size"]},
                                            resample=Image.BICUBIC, image_mean=img["mean"], image_std=img["std"]),
