@@ -37,8 +37,9 @@ CAPTIONS = ["a man riding a bike down a city street", "two dogs playing with a b
 DEMO = REPO / "projects/dlip/demo"
 CONFIGS = {  # config -> options that give its model.init a random stand-in teacher
     str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml"): [],
-    str(DEMO / "distill_retrieval.yaml"): [
-        f"model.init.teacher={{cfg_path: {DEMO / 'teacher_retrieval.yaml'}, load_weights: False}}"],
+    **{str(DEMO / f"distill_{task}.yaml"): [
+        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"]
+       for task in ("retrieval", "caption", "vqa")},
 }
 
 
@@ -71,6 +72,9 @@ def measure(config: str, options: list, args, device) -> dict:
                "text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)],
                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1,
                "image_id": torch.arange(args.batch),  # retrieval's positives
+               # VQA reads text_input as the questions and one answer each
+               "answer": ["red"] * args.batch, "weight": torch.ones(args.batch, device=device),
+               "n_answers": torch.ones(args.batch, dtype=torch.long, device=device),
                "cache_index": torch.arange(args.batch), "cache_aug": torch.zeros(args.batch, dtype=torch.long)}
 
     with torch.no_grad(), Capture(student, distiller.student_points) as records:
