@@ -148,3 +148,15 @@ def test_export_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert code == 2 and err == [f"error: --checkpoint: {tmp_path / 'no.pth'}: no such file; "
                                  "give the path of a .pth file (or a URL)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_export_failing_its_check_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from lavis_dlip.export import check, main
+
+    monkeypatch.setitem(check.TOLERANCE, "onnx", 0.0)  # any difference at all fails the check
+    cfg_path, ckpt = _checkpoint("retrieval.yaml", tmp_path / "model.pth")
+    code = main(["--cfg-path", cfg_path, "--checkpoint", str(ckpt), "--format", "onnx",
+                 "--out", str(tmp_path / "onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "differs from the PyTorch model by" in err[0] and "tolerance 0)" in err[0]
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "onnx.tmp").exists()

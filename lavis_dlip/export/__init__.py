@@ -38,25 +38,29 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
     target = Path(out)
     tmp = target.with_name(target.name + ".tmp")  # a failed export leaves no half-written directory
     shutil.rmtree(tmp, ignore_errors=True)
-    if fmt == "hf":
-        info = hf.export_hf(model, tmp)
-    else:
-        from omegaconf import OmegaConf
+    try:
+        if fmt == "hf":
+            info = hf.export_hf(model, tmp)
+        else:
+            from omegaconf import OmegaConf
 
-        run_cfg = OmegaConf.load(cfg_path).get("run") or {}
-        files = onnx.export_onnx(model, kind, tmp)
-        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        serve_cfg = onnx.serving_config(model, kind, hf.image_settings(model), run_cfg)
-        (tmp / "serve.json").write_text(json.dumps(serve_cfg, indent=2))
-        from lavis_dlip import serve
+            from lavis_dlip import serve
 
-        shutil.copy2(serve.__file__, tmp / "serve.py")  # the loader travels with the model: no LAVIS needed
-        info = {"format": "onnx", "kind": kind, "files": files}
-    info["export_s"] = round(time.time() - start, 1)
-    if check:
-        from lavis_dlip.export.check import compare
+            run_cfg = OmegaConf.load(cfg_path).get("run") or {}
+            files = onnx.export_onnx(model, kind, tmp)
+            model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            serve_cfg = onnx.serving_config(model, kind, hf.image_settings(model), run_cfg)
+            (tmp / "serve.json").write_text(json.dumps(serve_cfg, indent=2))
+            shutil.copy2(serve.__file__, tmp / "serve.py")  # the loader travels with the model: no LAVIS needed
+            info = {"format": "onnx", "kind": kind, "files": files}
+        info["export_s"] = round(time.time() - start, 1)
+        if check:
+            from lavis_dlip.export.check import compare
 
-        info["max_abs_diff"] = compare(model, tmp, fmt)
+            info["max_abs_diff"] = compare(model, tmp, fmt)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an export that failed its check leaves nothing
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     (target / "dlip_export.json").write_text(json.dumps(info, indent=2))
