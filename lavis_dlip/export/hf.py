@@ -24,7 +24,6 @@ given, so set ``input_ids[:, 0] = processor.tokenizer.enc_token_id`` (saved as
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,7 @@ def image_settings(model: nn.Module) -> dict[str, Any]:
 
 def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     """Write ``out`` so that ``Blip*.from_pretrained(out)`` and ``BlipProcessor.from_pretrained(out)``
-    load it; returns what was written and dropped."""
+    load it; returns what was written and dropped (``export`` records it in dlip_export.json)."""
     import transformers
     from PIL import Image
     from transformers import BlipImageProcessor, BlipProcessor
@@ -186,8 +185,6 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
                                            resample=Image.BICUBIC, image_mean=img["mean"], image_std=img["std"]),
         tokenizer=model.tokenizer)
     processor.save_pretrained(out)
-    info = {"format": "hf", "class": HF_CLASSES[kind], "kind": kind, "dropped": len(dropped),
+    return {"format": "hf", "class": HF_CLASSES[kind], "kind": kind, "dropped": len(dropped),
             "weights": len(state), "prompt": getattr(model, "prompt", None),
             "enc_token_id": int(model.tokenizer.enc_token_id)}
-    (out / "dlip_export.json").write_text(json.dumps(info, indent=2))
-    return info
