@@ -4,7 +4,8 @@ classes: ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration`` and
 
 The config is read from the model's own modules (the ViT's blocks, the BERTs'
 ``BertConfig``), never guessed from tensors. The weights go through one filter
-(``hf_state``): LAVIS's ViT keys are renamed to transformers' ``vision_model.*``;
+(``hf_state``): LAVIS's ViT keys are renamed to transformers' ``vision_model.*``
+(its residual stream rescaled so that transformers' LayerNorm eps computes BLIP's);
 the BERT keys (LAVIS's ``med.py``, which transformers' BLIP text model was ported
 from) keep their names; momentum copies and queues are dropped, as is the ITC
 temperature (transformers' retrieval class returns plain cosine similarity); any
@@ -47,6 +48,15 @@ VISION_RENAMES = (
     (r"^blocks\.(\d+)\.mlp\.(fc[12])\.", r"encoder.layers.\1.mlp.\2."),
     (r"^norm\.", "post_layernorm."),
 )
+# transformers 4.26's BlipVisionModel builds every LayerNorm with torch's default eps, whatever
+# its config says (modeling_blip.py:377-379, 668); BLIP's ViT uses 1e-6. The export keeps the
+# function exact anyway: the ViT's residual stream is written scaled by c = sqrt(1e-5 / 1e-6)
+# (embeddings and each block's output projections), which LayerNorm(c x; eps) turns into
+# LayerNorm(x; eps / c^2): the original eps, and outputs (after the final LayerNorm) unchanged.
+# The config says 1e-5 too, so a transformers that reads it computes the same.
+HF_VISION_EPS = 1e-5
+# the ViT tensors that write its residual stream (relative to visual_encoder.)
+RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
 # modules kept under the same name (BERT bodies and heads)
 SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
 # training-only state: momentum encoders, ITC queues, the ITC temperature
@@ -91,6 +101,15 @@ def _bert_config(model: nn.Module, kind: str):
     return cfg
 
 
+def vision_eps(model: nn.Module) -> float:
+    """The one LayerNorm eps of the model's ViT (a ViT with several cannot be rescaled to one)."""
+    eps = {float(m.eps) for m in model.visual_encoder.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ConfigError(f"export to transformers: the ViT's LayerNorms use {len(eps)} different eps "
+                          f"({sorted(eps)}); transformers' BlipVisionModel has one: export it to ONNX instead")
+    return eps.pop()
+
+
 def blip_config(model: nn.Module, kind: str):
     """transformers' ``BlipConfig`` of ``model``."""
     from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
@@ -101,7 +120,7 @@ def blip_config(model: nn.Module, kind: str):
         hidden_size=int(ve.embed_dim), intermediate_size=int(block.mlp.fc1.out_features),
         num_hidden_layers=len(ve.blocks), num_attention_heads=int(block.attn.num_heads),
         image_size=int(ve.patch_embed.img_size[0]), patch_size=int(ve.patch_embed.patch_size[0]),
-        layer_norm_eps=float(ve.norm.eps), hidden_act="gelu", projection_dim=int(ve.embed_dim))
+        layer_norm_eps=HF_VISION_EPS, hidden_act="gelu", projection_dim=int(ve.embed_dim))
     bert = _bert_config(model, kind)
     tok = model.tokenizer
     text = BlipTextConfig(
@@ -118,9 +137,12 @@ def blip_config(model: nn.Module, kind: str):
     return config
 
 
-def hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """LAVIS BLIP keys -> transformers BLIP keys; (mapped state, dropped keys).
-    A key that is neither mapped nor a known training-only key fails the export."""
+def hf_state(state: dict[str, torch.Tensor], eps: float) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LAVIS BLIP keys -> transformers BLIP keys; (mapped state, dropped keys). ``eps``:
+    the ViT's LayerNorm eps, kept exact under transformers' ``HF_VISION_EPS`` by scaling
+    the residual stream (see ``RESIDUAL_WRITERS``). A key that is neither mapped nor a
+    known training-only key fails the export."""
+    scale = (HF_VISION_EPS / eps) ** 0.5
     out, dropped, unknown = {}, [], []
     for key, value in state.items():
         if DROPPED.match(key):
@@ -129,7 +151,8 @@ def hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
             rel = key[len("visual_encoder."):]
             for pattern, repl in VISION_RENAMES:
                 if re.match(pattern, rel):
-                    out["vision_model." + re.sub(pattern, repl, rel)] = value
+                    out["vision_model." + re.sub(pattern, repl, rel)] = (
+                        value * scale if RESIDUAL_WRITERS.match(rel) else value)
                     break
             else:
                 unknown.append(key)
@@ -164,7 +187,7 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     kind = kind_of(model)
     config = blip_config(model, kind)
     hf_model = getattr(transformers, HF_CLASSES[kind])(config).eval()
-    state, dropped = hf_state(model.state_dict())
+    state, dropped = hf_state(model.state_dict(), vision_eps(model))
     expected = hf_model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     extra = [k for k in state if k not in expected]
