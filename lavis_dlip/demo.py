@@ -165,15 +165,16 @@ def run_task(task: str, data: Path, out: Path, options: Sequence[str], repeats: 
     stages["not distilled"] = train_student(cfgs["student"], out / "not_distilled", options)
 
     torch.manual_seed(0)
-    cost = timings({"teacher": load_trained(cfgs["teacher"], ckpt),
-                    "distilled": load_trained(cfgs["distill"], stages["distilled"]["checkpoint"]),
-                    "not distilled": load_trained(cfgs["student"], stages["not distilled"]["checkpoint"])}, repeats)
+    stage_cfg = {"teacher": cfgs["teacher"], "distilled": cfgs["distill"], "not distilled": cfgs["student"]}
+    cost = timings({name: load_trained(stage_cfg[name], stage["checkpoint"]) for name, stage in stages.items()},
+                   repeats)
     teacher_score = score(task, stages["teacher"]["test"])
     rows = []
     for name, stage in stages.items():
         value = score(task, stage["test"])
         rows.append({
             "task": task, "model": name, "params": cost[name]["params"],
+            "cfg_path": str(stage_cfg[name]), "checkpoint": str(stage["checkpoint"]),
             "speedup": cost["teacher"]["latency_ms"] / cost[name]["latency_ms"],
             "latency_ms": cost[name]["latency_ms"], "test": stage["test"], "score": value,
             "retained": 100.0 * value / teacher_score if teacher_score else None,
@@ -263,6 +264,10 @@ def print_table(result: dict) -> None:
                   f"| {c['bytes_per_entry'] / 1024:.1f} KiB | {built} |")
     if result.get("plot"):
         print(f"\nPlot: {result['plot']}")
+    student = next((r for r in result["rows"] if r["model"] == "distilled"), None)
+    if student:  # the way out of LAVIS (docs/deploy.md)
+        print(f"\nExport a student: python -m lavis_dlip.export --cfg-path {student['cfg_path']} "
+              f"--checkpoint {student['checkpoint']} --format onnx --out output/export/{student['task']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The main job (`make demo`) end to end on the small test data: per task a
 teacher trained then reused from its cache, distilled and not-distilled
-students, one table."""
+students, one table; the distilled students then export to ONNX and transformers."""
 
 from __future__ import annotations
 
@@ -54,6 +54,20 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
     for text in ("| retrieval | distilled |", "| caption | not distilled |", "| vqa | teacher |", "CIDEr",
                  "% of teacher", "Teacher-output caches", "KiB", str(png)):
         assert text in table
+
+    # the demo-trained distilled students leave LAVIS (issue 12): each exports to ONNX and to
+    # transformers, and the export's own check reproduces LAVIS's outputs within tolerance
+    # (features, ITM probabilities; captions and answers token for token) or the export fails
+    from lavis_dlip.export import export
+    from lavis_dlip.export.check import TOLERANCE
+
+    for row in (r for r in first["rows"] if r["model"] == "distilled"):
+        for fmt in ("onnx", "hf"):
+            out = tmp_path / "export" / f"{row['task']}-{fmt}"
+            info = export(row["cfg_path"], row["checkpoint"], fmt, str(out))
+            assert info["kind"] == row["task"] and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
+            assert json.loads((out / "dlip_export.json").read_text())["max_abs_diff"] == info["max_abs_diff"]
+    assert "Export a student: python -m lavis_dlip.export" in table
 
     # a second run reuses the cached teacher (same yaml, data and options): nothing is trained
     opts = [f"datasets.dlip_local_vqa.base_dir={data}", *options]

