@@ -104,6 +104,7 @@ RUN_KEYS: dict[str, Key] = {
     "cap_max_length": POSITIVE_INT, "cap_min_length": COUNT, "internal_bsz_fid": POSITIVE_INT,
     "num_captions": POSITIVE_INT, "num_captions_fid": POSITIVE_INT, "num_patches": POSITIVE_INT,
     "block_num": Key("int"),
+    "caption_scorers": Key("list"),  # tasks/captioning.py
 }
 
 # LAVIS's BaseDatasetBuilder config keys; a builder's own yaml may add more.
@@ -128,6 +129,15 @@ def check_run(run: Mapping[str, Any]) -> None:
         check_value(run.get(name), key, f"run.{name}")
     for name, mult in (run.get("lr_mult") or {}).items():
         check_value(mult, NONNEG, f"run.lr_mult.{name}")
+    scorers = run.get("caption_scorers")
+    if scorers is not None:
+        from lavis_dlip.tasks.captioning import AGG_SCORERS, SCORERS
+
+        unknown = [s for s in scorers if s not in SCORERS]
+        if unknown or not set(AGG_SCORERS) <= set(scorers):
+            raise ConfigError(f"run.caption_scorers: {list(scorers)}: choose from {', '.join(SCORERS)}, "
+                              f"including {' and '.join(AGG_SCORERS)} (agg_metrics is CIDEr + Bleu_4)"
+                              + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else ""))
     for low, high in (("min_lr", "init_lr"), ("min_len", "max_len")):
         if run.get(low) is not None and run.get(high) is not None and float(run[low]) > float(run[high]):
             raise ConfigError(f"run.{low} ({run[low]}) is above run.{high} ({run[high]})")

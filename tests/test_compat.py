@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -66,3 +67,31 @@ def test_spice_is_skipped_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     score, scores = Spice().compute_score({1: ["a red circle"]}, {1: ["a red circle"]})
     assert math.isnan(score) and len(scores) == 1
+
+
+def test_caption_scores_are_pycocoevalcaps_for_the_chosen_scorers(tmp_path, monkeypatch):
+    """``run.caption_scorers`` computes what COCOEvalCap.evaluate reports, for those scorers only."""
+    import json
+
+    import lavis_dlip  # noqa: F401
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocotools.coco import COCO
+
+    from lavis_dlip.tasks.captioning import coco_caption_scores
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refs = {1: ["a red circle left of a blue square", "a red circle"], 2: ["two green triangles", "green shapes"],
+            3: ["a blue square at the top", "one blue square"]}
+    gt = {"images": [{"id": i} for i in refs], "annotations": [
+        {"image_id": i, "id": 10 * i + j, "caption": c} for i, cs in refs.items() for j, c in enumerate(cs)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    results = [{"image_id": 1, "caption": "a red circle"}, {"image_id": 2, "caption": "two green squares"},
+               {"image_id": 3, "caption": "a blue square"}]
+    (tmp_path / "res.json").write_text(json.dumps(results))
+
+    coco = COCO(str(tmp_path / "gt.json"))
+    evaluator = COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+    evaluator.evaluate()
+    ours = coco_caption_scores(str(tmp_path / "gt.json"), str(tmp_path / "res.json"), ["Bleu", "ROUGE_L", "CIDEr"])
+    assert set(ours) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    assert ours == {k: pytest.approx(evaluator.eval[k], abs=0) for k in ours} and ours["CIDEr"] > 0

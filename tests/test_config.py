@@ -44,6 +44,9 @@ def test_invalid_yaml_names_the_file(tmp_path):
         (lambda c: c.run.pop("init_lr"), "missing key(s) run.init_lr"),
         (lambda c: c.run.update(device="tpu"), "run.device 'tpu'"),
         (lambda c: c.pop("datasets"), "missing top-level section 'datasets'"),
+        (lambda c: c.run.update(caption_scorers=["CIDEr", "Meteor"]),
+         "run.caption_scorers: ['CIDEr', 'Meteor']: choose from Bleu, METEOR, ROUGE_L, CIDEr, SPICE, including "
+         "Bleu and CIDEr (agg_metrics is CIDEr + Bleu_4); unknown: Meteor"),
     ],
 )
 def test_bad_names_and_keys(tmp_path, edit, message):

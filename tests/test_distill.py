@@ -59,7 +59,7 @@ def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoi
 
 
 @pytest.mark.parametrize("name, arch, metrics, terms, kept", [
-    ("distill_caption", "dlip_caption", {"Bleu_4", "CIDEr", "METEOR", "ROUGE_L", "agg_metrics"},
+    ("distill_caption", "dlip_caption", {"Bleu_4", "CIDEr", "ROUGE_L", "agg_metrics"},
      {"lm", "lm_kd", "hidden_decoder", "attention_decoder_cross", "embed"}, "checkpoint_best.pth"),
     ("distill_vqa", "dlip_vqa", {"agg_metrics", "other", "yes/no", "number"},
      {"task", "lm_kd", "hidden_fusion", "hidden_decoder", "attention_decoder_cross"},
