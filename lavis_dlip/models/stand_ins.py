@@ -33,7 +33,7 @@ def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
             elif key.split(".")[-1] == "temp":
                 made[id(v)] = torch.full(v.shape, 0.07)
             elif v.is_floating_point():
-                made[id(v)] = torch.randn(v.shape, generator=gen) * 0.02 + (1.0 if GAIN.search(key) else 0.0)
+                made[id(v)] = torch.empty(v.shape).normal_(1.0 if GAIN.search(key) else 0.0, 0.02, generator=gen)
             else:
                 made[id(v)] = torch.zeros(v.shape, dtype=v.dtype)
         out[key] = made[id(v)]
