@@ -24,7 +24,7 @@ def test_train_beats_untrained_and_evaluate_reloads(tmp_path, demo_test_data, na
     cfg = CONFIGS / f"{name}.yaml"
     # retrieval: validation picks the best epoch (run.best_metric); captioning: generation-heavy
     # validation would only repeat what the test split scores, so it is left out (latest checkpoint)
-    extra = {"retrieval": ["run.max_epoch=4", "run.best_metric=r_mean"],
+    extra = {"retrieval": ["run.max_epoch=3", "run.best_metric=r_mean"],
              "caption": ["run.valid_splits=[]"]}.get(name, [])
 
     # the before/after comparisons read one metric: captioning scores the rest (METEOR's Java) only once
