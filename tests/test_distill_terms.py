@@ -102,16 +102,16 @@ def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 3, generator=g)
     same = SimpleNamespace(itc_logits=logits, itm_logits=lambda pairs: logits[:, :2],
-                           lm_logits=lambda: (logits[None], torch.ones(1, 3, dtype=torch.bool)),
+                           lm_rows=lambda keep=None: (logits, torch.ones(1, 3, dtype=torch.bool)),
                            image_feat=torch.randn(3, 32, generator=g))
     for term in (itc, itm, lm):
         assert term(same, same).item() == pytest.approx(0.0, abs=1e-6), term.key
     # hand case: a 2-sample batch whose teacher is sure and whose student is uniform
     s = SimpleNamespace(itc_logits=torch.zeros(2, 2), itm_logits=lambda pairs: torch.zeros(2, 2),
-                        lm_logits=lambda: (torch.zeros(1, 2, 2), torch.tensor([[True, False]])))
+                        lm_rows=lambda keep=None: (torch.zeros(1, 2), torch.tensor([[True, False]])))
     t = SimpleNamespace(itc_logits=torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]),
                         itm_logits=lambda pairs: torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]]),
-                        lm_logits=lambda: (torch.tensor([[[math.log(3.0), 0.0], [9.0, -9.0]]]), None))
+                        lm_rows=lambda keep: (torch.tensor([[math.log(3.0), 0.0]]), keep))  # the row keep selects
     known = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     for term in (itc, itm, lm):
         assert term(s, t).item() == pytest.approx(known, abs=1e-6), term.key
@@ -178,7 +178,8 @@ def test_capture_records_calls_and_only_requested_layers(pair):
     assert torch.allclose(pos.layers[("cross", 1)].sum(-1), torch.ones(()))
     assert pos.encoder_hidden_states is rec.image and neg.encoder_hidden_states.shape[0] == 16
     assert torch.equal(text.attention_mask, pos.attention_mask) and dec.labels is not None
-    assert dec.logits.shape[:2] == dec.input_ids.shape
+    scored = dec.labels[:, 1:] != -100  # the student's decoder computes logits there only
+    assert dec.logits is None and dec.scored_logits.shape == (int(scored.sum()), 30524)
     for module in student.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, "hooks left behind"
 
@@ -207,7 +208,13 @@ def test_teacher_replay_matches_the_teacher_run_by_hand(pair):
         expected = F.normalize(m.vision_proj(img[:, 0]), dim=-1) @ F.normalize(m.text_proj(
             txt.last_hidden_state[:, 0]), dim=-1).t() / m.temp.clamp(0.001, 0.5)
     assert torch.allclose(t.itc_logits, expected, atol=1e-5)
-    assert t.itm_logits("all").shape == (24, 2) and t.lm_logits()[0].shape[-1] == 30524
+    keep = rec.find("decoder").labels[:, 1:] != -100
+    with torch.no_grad():  # the teacher's logits at the student's scored positions, as its own decoder gives them
+        dec = rec.find("decoder")
+        full = m.text_decoder(dec.input_ids, attention_mask=dec.attention_mask, encoder_hidden_states=img,
+                              return_dict=True).logits[:, :-1][keep]
+    assert t.itm_logits("all").shape == (24, 2)
+    assert torch.allclose(t.lm_rows(keep)[0], full, atol=1e-4)
     assert set(t.records.vision_layers) == {(k, i) for _, k, i in distiller.teacher_points if _ == "vision"}
 
 

@@ -164,3 +164,43 @@ def test_tiny_preset_meets_the_paper_headline_in_params_and_flops():
         costs.append((count_params(model)["total"], flops))
     (p_ref, f_ref), (p_tiny, f_tiny) = costs
     assert p_tiny / p_ref <= 0.224 and f_tiny / f_ref <= 0.248
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_scored_decoder_matches_lavis_loss_and_gradients(reduction):
+    """The student's decoder runs its LM head only at scored positions; its loss and
+    gradients are those of LAVIS's BertLMHeadModel.forward, which scores everything."""
+    from lavis.models.med import BertLMHeadModel
+
+    from lavis_dlip.models.components import ScoredLMHeadDecoder
+
+    model = build("dlip_caption", "test", decoder={"dropout": 0.0})
+    decoder = model.text_decoder
+    assert isinstance(decoder, ScoredLMHeadDecoder)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:], mask[2, 4:] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a prompt
+    memory = torch.randn(3, 17, model.visual_encoder.vision_width, generator=g)
+    kwargs = dict(attention_mask=mask, encoder_hidden_states=memory, labels=labels, return_dict=True,
+                  reduction=reduction)
+    results = []
+    for forward in (ScoredLMHeadDecoder.forward, BertLMHeadModel.forward):
+        decoder.zero_grad(set_to_none=True)
+        out = forward(decoder, ids, **kwargs)
+        out.loss.sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None}))
+    (scored, s_grads), (full, f_grads) = results
+    keep = labels[:, 1:] != -100
+    assert scored.logits is None and torch.equal(scored.scored_mask, keep)
+    assert scored.loss.shape == full.loss.shape == ((3,) if reduction == "none" else ())
+    torch.testing.assert_close(scored.loss, full.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scored.scored_logits, full.logits[:, :-1][keep], rtol=1e-5, atol=1e-5)
+    assert s_grads.keys() == f_grads.keys() and len(s_grads) > 10
+    for name, grad in s_grads.items():
+        torch.testing.assert_close(grad, f_grads[name], rtol=1e-4, atol=1e-5, msg=name)  # summed in another order
+    # without labels (generation, inference) the decoder is LAVIS's: logits at every position
+    plain = decoder(ids, attention_mask=mask, encoder_hidden_states=memory, return_dict=True)
+    assert plain.logits.shape == (3, 9, decoder.config.vocab_size)

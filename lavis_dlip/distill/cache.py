@@ -258,7 +258,7 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
                 put(field, x, stream, lambda r, row, lens=lens, kind=kind: _trim(row, kind, int(lens[r])))
         elif field.startswith("lm_t"):  # only at scored positions, as lm_kd reads them
             keep = scored_positions(student_records.find("decoder"))
-            logits = t.call("decoder").logits[:, :-1, :][keep].float()
+            logits = t.lm_rows(keep)[0].float()
             top = logits.topk(spec.topk, dim=-1)
             lse = torch.logsumexp(logits / temperatures[field], dim=-1)
             ends = keep.sum(1).cumsum(0).tolist()

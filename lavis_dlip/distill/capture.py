@@ -47,7 +47,8 @@ class Call:
     encoder_hidden_states: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None  # last hidden state
-    logits: Optional[torch.Tensor] = None  # decoder only
+    logits: Optional[torch.Tensor] = None  # decoder only: [B, L, V]
+    scored_logits: Optional[torch.Tensor] = None  # decoder only, training: [N, V] at labels[:, 1:] != -100
     layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -80,7 +81,8 @@ class Capture:
     """Context manager: ``with Capture(model, points) as rec: model(samples)``.
 
     ``points`` lists the per-layer tensors to keep; image embeddings, every BERT
-    call's inputs and outputs, and decoder logits are always kept (they are cheap
+    call's inputs and outputs, and decoder logits (at every position, or at the
+    scored ones only: ``ScoredLMHeadDecoder``) are always kept (they are cheap
     references to tensors the forward made anyway).
     """
 
@@ -164,8 +166,9 @@ class Capture:
 
         def on_out(_m, _args, out):
             call = self._current("decoder")
-            if call is not None and call.logits is None:
+            if call is not None and call.logits is None and call.scored_logits is None:
                 call.logits = out if torch.is_tensor(out) else out.logits
+                call.scored_logits = getattr(out, "scored_logits", None)  # ScoredLMHeadDecoder
 
         def on_hidden(_m, _args, out):
             call = self._current("decoder")

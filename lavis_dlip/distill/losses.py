@@ -58,6 +58,25 @@ def prob_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: Opti
     return _masked_mean(kl, mask)
 
 
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """``log_softmax(z)`` at ``indices`` only, without an ``[N, vocab]`` log-softmax:
+    one logsumexp forward, one softmax pass backward (autograd's gather, logsumexp
+    and their sum would write and read ``[N, vocab]`` several times)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        ctx.save_for_backward(z, indices, lse)
+        return z.gather(-1, indices) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, indices, lse = ctx.saved_tensors
+        # d/dz_j of sum_k g_k (z_{i_k} - lse) = g_j [j among the indices] - softmax(z)_j * sum_k g_k
+        out = torch.sub(z, lse).exp_().mul_(-grad.sum(-1, keepdim=True))
+        return out.scatter_add_(-1, indices, grad), None
+
+
 def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
     """``soft_kl`` against a teacher kept as its top-k logits per row (``values``,
@@ -65,12 +84,10 @@ def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     two distributions coarsened to those k tokens plus one bucket for the rest, a
     lower bound of the full KL that meets it as the rest's mass goes to zero."""
     t = temperature
-    z = student_logits / t
-    # the student's log-probabilities of the k tokens only: a logsumexp over the vocabulary,
-    # no [N, vocab] log-softmax written and read back
+    z = student_logits if t == 1 else student_logits / t
     log_pt = values.float() / t - lse[:, None]
     pt = log_pt.exp()
-    log_ps = z.gather(-1, indices.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
+    log_ps = _GatheredLogSoftmax.apply(z, indices.long())
     rest_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
     rest_s = (1.0 - log_ps.exp().sum(-1)).clamp_min(1e-12)  # finite gradients even when k covers everything
     kl = (pt * (log_pt - log_ps)).sum(-1) + rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log())
@@ -234,15 +251,13 @@ class LMDistill(LossTerm):
         return {f"lm_t{self.temperature:g}"}
 
     def forward(self, s, t):
-        ls, mask = s.lm_logits()
-        keep = mask.bool()
+        # logits only where a token is scored: not at padding or the prompt
+        ls, keep = s.lm_rows()
         if not keep.any():
             return ls.sum() * 0.0
-        # softmax over the vocabulary only where a token is scored: the same value, without
-        # the work on padding (most of a batch of short captions)
         if hasattr(t, "lm_topk"):  # read from the teacher-output cache
-            return topk_kl(ls[keep], *t.lm_topk(self.temperature), self.temperature)
-        return soft_kl(ls[keep], t.lm_logits()[0][keep], self.temperature)
+            return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature)
+        return soft_kl(ls, t.lm_rows(keep)[0], self.temperature)
 
 
 def _projection(s_width: int, t_width: int, always: bool) -> nn.Module:

@@ -107,13 +107,22 @@ class BlipOutputs:
     def decoder_cls(self) -> torch.Tensor:
         return self.call("decoder").output[:, 0, :]
 
-    def lm_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits ``[B, L-1, V]`` and the mask of scored positions
-        (the model's labels when it has them, else its attention mask)."""
+    def lm_rows(self, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits ``[N, V]`` at the positions ``keep`` (``[B, L-1]``; default:
+        those this decoder call scores, see ``scored_positions``), row-major, and ``keep``.
+        A decoder that computed logits only at its scored positions (a DLIP model
+        trained with labels) serves exactly those."""
         call = self.call("decoder")
+        own = scored_positions(call)
+        keep = own if keep is None else keep
+        if call.scored_logits is not None:
+            if not torch.equal(keep, own):
+                raise DistillError(f"{type(self.model).__name__}'s decoder scored other positions than "
+                                   f"the student's (its labels differ)")
+            return call.scored_logits, keep
         if call.logits is None:
             raise DistillError(f"{type(self.model).__name__}'s decoder returned no logits")
-        return call.logits[:, :-1, :], scored_positions(call)
+        return call.logits[:, :-1, :][keep], keep
 
     # -- per-layer
     def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -26,6 +26,7 @@ from torch import nn
 from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, match_rows
+from lavis_dlip.models.components import ScoredLMHeadDecoder
 
 TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
 
@@ -165,8 +166,11 @@ class FrozenTeacher:
                     raise ConfigError(f"distill: the teacher ({type(model).__name__}) has no text decoder "
                                       f"for the decoder terms; use a teacher with one (blip_pretrain, blip_caption)")
                 states, mask = self._decoder_memory(call, student, image_embeds, atts, fused, fuse)
-                model.text_decoder(call.input_ids, attention_mask=call.attention_mask,
-                                   encoder_hidden_states=states, encoder_attention_mask=mask, return_dict=True)
+                # a DLIP decoder given the student's labels computes logits only where they score
+                scored = call.labels is not None and isinstance(model.text_decoder, ScoredLMHeadDecoder)
+                model.text_decoder(call.input_ids, attention_mask=call.attention_mask, encoder_hidden_states=states,
+                                   encoder_attention_mask=mask, return_dict=True,
+                                   **({"labels": call.labels} if scored else {}))
         return BlipOutputs(model, records)
 
 

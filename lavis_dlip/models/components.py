@@ -9,10 +9,16 @@ keeps working. Keys are validated here, with errors that name the key.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping, Optional
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from lavis.models.med import BertLMHeadModel, XBertLMHeadDecoder
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from lavis_dlip.errors import ConfigError, check_keys
 
@@ -193,10 +199,61 @@ def decoder_config(cfg: Mapping) -> dict[str, Any]:
     return d
 
 
-def build_text_decoder(cfg: Mapping, encoder_width: int) -> nn.Module:
-    """A LAVIS ``XBertLMHeadDecoder`` cross-attending to ``encoder_width`` features."""
-    from lavis.models.med import XBertLMHeadDecoder
+@dataclass
+class ScoredLMOutput(CausalLMOutputWithCrossAttentions):
+    """A training forward's output: ``logits`` is None; ``scored_logits`` holds the
+    next-token logits ``[N, V]`` of the ``N`` scored positions, row-major over
+    ``scored_mask`` (``[B, L-1]``: ``labels[:, 1:] != -100``)."""
 
+    scored_logits: Optional[torch.FloatTensor] = None
+    scored_mask: Optional[torch.BoolTensor] = None
+
+
+class ScoredLMHeadDecoder(XBertLMHeadDecoder):
+    """LAVIS's decoder, except that a training forward (``labels`` given) runs the LM
+    head only where a label scores a token. LAVIS's computes the full vocabulary's
+    logits (30,524) at every position, prompt and padding included, then ignores
+    them in the loss: for a narrow student that is most of a step. The loss is
+    LAVIS's (cross-entropy with label smoothing 0.1, ``reduction`` mean or per-sequence
+    sum); generation and ``return_logits`` are LAVIS's code unchanged."""
+
+    LABEL_SMOOTHING = 0.1  # med.py's BertLMHeadModel.forward
+
+    def forward(self, *args, **kwargs):
+        a = _DECODER_FORWARD.bind(self, *args, **kwargs).arguments
+        labels = a.get("labels")
+        if (labels is None or a.get("return_logits") or a.get("soft_labels") is not None
+                or a.get("return_dict") is False or a.get("past_key_values") is not None):
+            return super().forward(*args, **kwargs)
+        out = self.bert(
+            a.get("input_ids"), attention_mask=a.get("attention_mask"), position_ids=a.get("position_ids"),
+            head_mask=a.get("head_mask"), inputs_embeds=a.get("inputs_embeds"),
+            encoder_hidden_states=a.get("encoder_hidden_states"),
+            encoder_attention_mask=a.get("encoder_attention_mask"), use_cache=False,
+            output_attentions=a.get("output_attentions"), output_hidden_states=a.get("output_hidden_states"),
+            return_dict=True, is_decoder=a.get("is_decoder", True), mode=a.get("mode", "multimodal"),
+        )
+        keep = labels[:, 1:] != -100
+        logits = self.cls(out.last_hidden_state[:, :-1][keep])
+        loss = F.cross_entropy(logits, labels[:, 1:][keep], reduction="none", label_smoothing=self.LABEL_SMOOTHING)
+        reduction = a.get("reduction", "mean")
+        if reduction == "none":  # per sequence, summed over its tokens (BlipVQA's answer loss)
+            loss = loss.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], loss)
+        else:
+            loss = loss.mean() if reduction == "mean" else loss.sum()
+        return ScoredLMOutput(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions,
+                              cross_attentions=out.cross_attentions, scored_logits=logits, scored_mask=keep)
+
+
+# the signature of LAVIS's forward: arguments bind by name, and transformers' generate()
+# checks its model kwargs against it
+_DECODER_FORWARD = inspect.signature(BertLMHeadModel.forward)
+ScoredLMHeadDecoder.forward.__signature__ = _DECODER_FORWARD
+
+
+def build_text_decoder(cfg: Mapping, encoder_width: int) -> nn.Module:
+    """A LAVIS ``XBertLMHeadDecoder`` (training: :class:`ScoredLMHeadDecoder`)
+    cross-attending to ``encoder_width`` features."""
     d = decoder_config(cfg)
     config = bert_config(
         width=d["width"],
@@ -208,4 +265,4 @@ def build_text_decoder(cfg: Mapping, encoder_width: int) -> nn.Module:
         vocab_size=d["vocab_size"],
         max_position_embeddings=d["max_position_embeddings"],
     )
-    return XBertLMHeadDecoder(config=config)
+    return ScoredLMHeadDecoder(config=config)
