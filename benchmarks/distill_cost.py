@@ -45,11 +45,9 @@ CONFIGS = {  # config -> options that give its model.init a random stand-in teac
 
 def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
     """One chunk holding this batch's teacher outputs, as cache_teacher writes it."""
-    import torch
-
     from lavis_dlip.distill import cache
 
-    torch.save({"entries": entries}, os.path.join(directory, cache.chunk_name(0)))
+    cache.save_chunk(entries, os.path.join(directory, cache.chunk_name(0)))
     manifest = {"version": cache.VERSION, "key": key, "fields": spec.fields, "chunk": len(entries),
                 "samples": len(entries), "augmentations": 1, "temp": temp, "complete": True}
     Path(directory, cache.MANIFEST).write_text(json.dumps(manifest))

@@ -28,7 +28,7 @@ def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None) -> dict[
     from lavis_dlip.distill.cache import BUILDING, build
     from lavis_dlip.errors import ConfigError
     from lavis_dlip.models.tokenizer import tokenizer_source
-    from lavis_dlip.runners.runner_dlip import resolve_device
+    from lavis_dlip.runners.runner_dlip import keep_freed_memory, resolve_device
 
     token = BUILDING.set(True)
     try:
@@ -45,6 +45,7 @@ def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None) -> dict[
         with tokenizer_source(cfg.model_cfg.get("tokenizer")):
             student = task.build_model(cfg)
         device = resolve_device(cfg.run_cfg)
+        keep_freed_memory(cfg.run_cfg, device)
         stats = build(student.to(device), task.teacher.to(device), task.cache_dataset, task.cache_cfg,
                       task.cache_key(cfg, student), int(cfg.run_cfg.batch_size_train), device,
                       progress=bool(cfg.run_cfg.get("progress", True)))

@@ -87,16 +87,16 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
 
 def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> dict:
     """The distillation run's teacher-output cache, kept beside its teacher (keyed by the
-    yaml's model, data and distill sections and the options, not its schedule; the
+    yaml's model, data and distill sections, the options and the cache format, not its schedule; the
     cache's own key refuses anything stale)."""
     from omegaconf import OmegaConf
 
     from lavis_dlip.cache_teacher import build_cache
-    from lavis_dlip.distill.cache import read_manifest
+    from lavis_dlip.distill.cache import VERSION, read_manifest
 
     raw = OmegaConf.load(cfg_path)
     what = OmegaConf.to_yaml({k: raw.get(k) for k in ("model", "datasets", "distill")})
-    key = hashlib.sha256("\n".join([what, *options]).encode()).hexdigest()[:10]
+    key = hashlib.sha256("\n".join([what, *options, f"cache format {VERSION}"]).encode()).hexdigest()[:10]
     directory = teacher_dir / f"cache-{cfg_path.stem}-{key}"
     reused = bool((read_manifest(str(directory)) or {}).get("complete"))
     t0 = time.time()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_cli
+from lavis_dlip.distill.cache import load_chunk
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
 RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, {name: itm_kd, key: itm_all}, "
@@ -106,6 +107,25 @@ def test_topk_kl_is_the_full_kl_when_k_covers_the_vocabulary():
     assert 0.0 < partial <= float(full)
 
 
+def test_chunks_round_trip(tmp_path):
+    from lavis_dlip.distill.cache import save_chunk
+
+    g = torch.Generator().manual_seed(0)
+    entries = [{"text_len": n, "text.hidden.0": [torch.randn(n, 4, generator=g).half()],
+                "lm_t1": [{"values": torch.randn(n, 3, generator=g).half(),
+                           "indices": torch.arange(3 * n).int().view(n, 3), "lse": torch.randn(n, generator=g)}]}
+               for n in (2, 5)]
+    save_chunk(entries, str(tmp_path / "chunk.pt"))
+    back = load_chunk(str(tmp_path / "chunk.pt"))
+    assert [e["text_len"] for e in back] == [2, 5]
+    for a, b in zip(entries, back):
+        x, y = a["text.hidden.0"][0], b["text.hidden.0"][0]
+        assert torch.equal(x, y) and y.dtype == torch.float16
+        for k in ("values", "indices", "lse"):
+            x, y = a["lm_t1"][0][k], b["lm_t1"][0][k]
+            assert torch.equal(x, y) and x.dtype == y.dtype
+
+
 def test_topk_kl_gradient_is_autograds():
     """topk_kl's hand-written backward (one softmax pass) against autograd's on the
     plain expression, and gradcheck in double precision."""
@@ -183,8 +203,7 @@ def test_two_processes_build_the_same_cache(tmp_path, demo_test_data):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *_build_cmd(two)[1:]]
     check(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env))
     for chunk in sorted(one.glob("chunk-*.pt")):
-        a = torch.load(chunk, weights_only=True)["entries"]
-        b = torch.load(two / chunk.name, weights_only=True)["entries"]
+        a, b = load_chunk(str(chunk)), load_chunk(str(two / chunk.name))
         assert len(a) == len(b)
         for ea, eb in zip(a, b):
             assert ea.keys() == eb.keys()

@@ -25,7 +25,9 @@ replaying it every step ("dataset reinforcement", as MobileCLIP does at scale).
   processors), the student's text handling, the augmentations and the stored
   fields: a cache built for anything else is refused with the difference named.
 * **Files**: ``manifest.json`` and one ``chunk-NNNNNN.pt`` per ``chunk``
-  samples (all their augmentations), written atomically; rank ``r`` of ``N``
+  samples (all their augmentations), written atomically, each packed into one
+  buffer per dtype plus a JSON index (``save_chunk``): tens of thousands of small
+  tensors would take seconds to unpickle; rank ``r`` of ``N``
   builds chunks ``c % N == r``, and a killed build resumes at the missing chunks.
 """
 
@@ -35,6 +37,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 
 from lavis_dlip.errors import ConfigError, check_keys
 
-VERSION = 1
+VERSION = 2  # 2: chunks packed into one buffer per dtype (save_chunk)
 CACHE_KEYS = ("dir", "augmentations", "topk", "dtype", "chunk", "seed")
 DEFAULTS = {"augmentations": 1, "topk": 32, "dtype": "float16", "chunk": 256, "seed": 0}
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -374,11 +377,11 @@ class CacheReader:
         if c not in self._open:
             path = self.directory / chunk_name(c)
             try:
-                self._open[c] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                self._open[c] = load_chunk(str(path))
             except Exception as err:
                 raise CacheError(f"distill.cache: {path} cannot be read ({type(err).__name__}); "
                                  f"delete it and run {BUILD_COMMAND} again to rebuild it") from None
-        return self._open[c]["entries"][(index - c * self.chunk) * self.augmentations + aug]
+        return self._open[c][(index - c * self.chunk) * self.augmentations + aug]
 
     def outputs(self, samples: Mapping, records, teacher=None) -> CachedOutputs:
         """The teacher's outputs for this batch, padded to the student's token lengths;
@@ -418,6 +421,49 @@ class CacheReader:
 
 def chunk_name(c: int) -> str:
     return f"chunk-{c:06d}.pt"
+
+
+def save_chunk(entries: list[dict[str, Any]], path: str) -> None:
+    """Write one chunk's entries: every tensor becomes a slice of one flat buffer per
+    dtype, referenced from a JSON index as ``{"t": [dtype, offset, shape]}``."""
+    from lavis_dlip import checkpoint as ckpt
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    sizes: dict[str, int] = {}
+
+    def pack(value: Any) -> Any:
+        if torch.is_tensor(value):
+            dtype = str(value.dtype).removeprefix("torch.")
+            offset = sizes.get(dtype, 0)
+            parts.setdefault(dtype, []).append(value.detach().reshape(-1).cpu())
+            sizes[dtype] = offset + value.numel()
+            return {"t": [dtype, offset, list(value.shape)]}
+        if isinstance(value, dict):
+            return {k: pack(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [pack(v) for v in value]
+        return value
+
+    index = json.dumps(pack(entries))
+    ckpt.atomic_save({"buffers": {k: torch.cat(v) for k, v in parts.items()}, "index": index}, path)
+
+
+def load_chunk(path: str) -> list[dict[str, Any]]:
+    """``save_chunk``'s entries back, as views of the (memory-mapped) buffers."""
+    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    buffers = obj["buffers"]
+
+    def unpack(value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.keys() == {"t"}:
+                dtype, offset, shape = value["t"]
+                return buffers[dtype][offset:offset + math.prod(shape)].view(shape)
+            return {k: unpack(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [unpack(v) for v in value]
+        return value
+
+    return unpack(json.loads(obj["index"]))
 
 
 class CachedOutputs:
@@ -473,13 +519,11 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
           batch_size: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Write the cache (this process's chunks; all ranks together build all of it).
     Returns the manifest's statistics once the cache is complete."""
-    import math
     import time
 
     from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
     from tqdm.auto import tqdm
 
-    from lavis_dlip import checkpoint as ckpt
     from lavis_dlip.distill.capture import Capture
     from lavis_dlip.runners.runner_dlip import barrier
 
@@ -533,7 +577,7 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
                 reported = True
                 bar.write(f"teacher cache: {entry_bytes(entries[0]) / 1024:.1f} KiB per sample and augmentation "
                           f"(estimate), {n * k_aug} entries, {len(todo)} chunks to write in this process")
-        ckpt.atomic_save({"entries": entries}, str(directory / chunk_name(c)))
+        save_chunk(entries, str(directory / chunk_name(c)))
     bar.close()
     barrier()
     if is_main_process():

@@ -76,6 +76,33 @@ def resolve_device(run_cfg) -> torch.device:
     return torch.device(name)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 2**31 - 1  # the largest value mallopt takes (an int)
+
+
+def keep_freed_memory(run_cfg, device: torch.device) -> bool:
+    """On CPU (``run.keep_freed_memory``, default True), let glibc keep freed memory
+    for reuse instead of returning it to the system. A training step allocates
+    temporaries of tens of MB (logits over BERT's 30,524 tokens); glibc maps each
+    one fresh from the kernel, and the page faults cost more than the math: here
+    ``exp`` of a [350, 30524] tensor takes 30 ms into fresh memory, 10 ms with this,
+    and a demo caption epoch 27 s against 17 s. The process's memory then stays at
+    its peak, as CUDA's caching allocator does on a GPU. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    if device.type != "cpu" or not run_cfg.get("keep_freed_memory", True):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        applied = False
+    logger.debug("keep_freed_memory: %s", "applied" if applied else "not available on this C library")
+    return applied
+
+
 @registry.register_runner("runner_dlip")
 class RunnerDlip(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
@@ -256,6 +283,7 @@ class RunnerDlip(RunnerBase):
     def train(self) -> dict[str, Any]:
         """Train, validate, checkpoint and test; returns ``{split: metrics}`` of the test splits."""
         start = time.time()
+        keep_freed_memory(self.config.run_cfg, self.device)
         resume = None if self.evaluate_only else self.resume_ckpt_path
         if resume:
             self._load_checkpoint(resume)  # before anything is written: a bad checkpoint leaves no trace
