@@ -39,6 +39,10 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
             expected = 100 * rows[name]["score"] / teacher_score if teacher_score else None
             assert rows[name]["retained"] == (None if expected is None else pytest.approx(expected))
             assert rows[name]["score"] == pytest.approx(demo.score(task, rows[name]["test"]))
+    assert first["parallel"] == 2  # students trained two at a time, each run's console output in its own log
+    for task in demo.TASKS:
+        for run in ("distilled", "not_distilled"):
+            assert "Training time" in (tmp_path / "out" / task / f"{run}.log").read_text(), (task, run)
     assert len(list((tmp_path / "teachers").glob("*/checkpoint.pth"))) == len(demo.TASKS)
     for task in demo.TASKS:  # the distilled student trained from a cache built beside its teacher
         cache = next(r for r in first["rows"] if r["task"] == task and r["model"] == "distilled")["teacher_cache"]
