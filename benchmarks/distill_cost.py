@@ -144,7 +144,10 @@ def main() -> None:
 
     import lavis_dlip  # noqa: F401
 
+    from lavis_dlip.runners.runner_dlip import keep_freed_memory
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep_freed_memory({}, device)  # as training runs do on CPU
     results = [measure(os.path.abspath(c), CONFIGS.get(os.path.abspath(c), []), args, device) for c in args.configs]
     data = {"device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "results": results}

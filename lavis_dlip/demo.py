@@ -249,7 +249,7 @@ def task_rows(task: str, prep: dict, students: dict[str, dict], repeats: int) ->
     return rows
 
 
-def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 5, data_preset: str = "demo",
+def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, data_preset: str = "demo",
              tasks: Sequence[str] = tuple(TASKS), parallel: int = 2) -> dict:
     """Teacher, distilled and not-distilled students per task; ``options`` apply to every
     stage. Teachers and caches are made one after the other with all CPU threads, then
@@ -351,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--options", nargs="+", default=[],
                         help="key=value overrides for every stage (the teacher is cached per options)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="students trained at once, sharing the CPU threads (1: one after the other)")
     parser.add_argument("--json", help="also write the table as JSON to this file")

@@ -146,6 +146,38 @@ def test_topk_kl_gradient_is_autograds():
         plain = ((log_pt.exp() * (log_pt - log_ps)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean() * t * t
         (want,) = torch.autograd.grad(plain, z)
         torch.testing.assert_close(ours, want)
+    # at T = 1 the student's log-partition can come from its own loss (SmoothedCrossEntropy):
+    # the same value and gradient as computing it here
+    from lavis_dlip.models.components import SmoothedCrossEntropy
+
+    y = torch.randint(0, 40, (6,))
+    lse = torch.logsumexp(teacher, -1)
+    results = []
+    for shared in (False, True):
+        ce, student_lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+        kl = topk_kl(z, top.values, top.indices, lse, 1.0, student_lse=student_lse if shared else None)
+        results.append((float(ce.sum() + kl), torch.autograd.grad(ce.sum() + kl, z)[0]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-9)
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_smoothed_cross_entropy_is_pytorchs_and_its_gradient_autograds():
+    import torch.nn.functional as F
+
+    from lavis_dlip.models.components import SmoothedCrossEntropy
+
+    torch.manual_seed(0)
+    z = (torch.randn(5, 30, dtype=torch.float64) * 2).requires_grad_()
+    y = torch.randint(0, 30, (5,))
+    loss, lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(z, y, reduction="none", label_smoothing=0.1))
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    w = torch.randn(5, dtype=torch.float64)  # both outputs used, with different weights
+    assert torch.autograd.gradcheck(lambda x: tuple(SmoothedCrossEntropy.apply(x, y, 0.1)), (z,))
+    (g,) = torch.autograd.grad((loss * w).sum() + lse.sum(), z)
+    (want,) = torch.autograd.grad((F.cross_entropy(z, y, reduction="none", label_smoothing=0.1) * w).sum()
+                                  + torch.logsumexp(z, -1).sum(), z)
+    torch.testing.assert_close(g, want)
 
 
 def _build_cmd(cache_dir) -> list[str]:

@@ -49,6 +49,7 @@ class Call:
     output: Optional[torch.Tensor] = None  # last hidden state
     logits: Optional[torch.Tensor] = None  # decoder only: [B, L, V]
     scored_logits: Optional[torch.Tensor] = None  # decoder only, training: [N, V] at labels[:, 1:] != -100
+    scored_lse: Optional[torch.Tensor] = None  # and their rows' log-partition [N]
     layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -169,6 +170,7 @@ class Capture:
             if call is not None and call.logits is None and call.scored_logits is None:
                 call.logits = out if torch.is_tensor(out) else out.logits
                 call.scored_logits = getattr(out, "scored_logits", None)  # ScoredLMHeadDecoder
+                call.scored_lse = getattr(out, "scored_lse", None)
 
         def on_hidden(_m, _args, out):
             call = self._current("decoder")

@@ -78,16 +78,21 @@ class _GatheredLogSoftmax(torch.autograd.Function):
 
 
 def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-            temperature: float = 1.0) -> torch.Tensor:
+            temperature: float = 1.0, student_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``soft_kl`` against a teacher kept as its top-k logits per row (``values``,
     ``indices``) and the log-partition of all its logits / T (``lse``): the KL of the
     two distributions coarsened to those k tokens plus one bucket for the rest, a
-    lower bound of the full KL that meets it as the rest's mass goes to zero."""
+    lower bound of the full KL that meets it as the rest's mass goes to zero.
+    ``student_lse``: the student's own log-partition at T = 1, when its loss already
+    computed it (differentiable; no second pass over the vocabulary)."""
     t = temperature
     z = student_logits if t == 1 else student_logits / t
     log_pt = values.float() / t - lse[:, None]
     pt = log_pt.exp()
-    log_ps = _GatheredLogSoftmax.apply(z, indices.long())
+    if student_lse is not None and t == 1:
+        log_ps = z.gather(-1, indices.long()) - student_lse[:, None]
+    else:
+        log_ps = _GatheredLogSoftmax.apply(z, indices.long())
     rest_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
     rest_s = (1.0 - log_ps.exp().sum(-1)).clamp_min(1e-12)  # finite gradients even when k covers everything
     kl = (pt * (log_pt - log_ps)).sum(-1) + rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log())
@@ -256,7 +261,7 @@ class LMDistill(LossTerm):
         if not keep.any():
             return ls.sum() * 0.0
         if hasattr(t, "lm_topk"):  # read from the teacher-output cache
-            return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature)
+            return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature, student_lse=s.lm_lse())
         return soft_kl(ls, t.lm_rows(keep)[0], self.temperature)
 
 

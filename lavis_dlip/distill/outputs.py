@@ -124,6 +124,11 @@ class BlipOutputs:
             raise DistillError(f"{type(self.model).__name__}'s decoder returned no logits")
         return call.logits[:, :-1, :][keep], keep
 
+    def lm_lse(self) -> Optional[torch.Tensor]:
+        """The log-partition of each ``lm_rows()`` row, when the decoder's loss computed
+        it (``ScoredLMHeadDecoder``); else None."""
+        return self.call("decoder").scored_lse
+
     # -- per-layer
     def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A captured per-layer tensor and its token mask (None: no padding)."""

@@ -16,7 +16,6 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from lavis.models.med import BertLMHeadModel, XBertLMHeadDecoder
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
@@ -207,6 +206,32 @@ class ScoredLMOutput(CausalLMOutputWithCrossAttentions):
 
     scored_logits: Optional[torch.FloatTensor] = None
     scored_mask: Optional[torch.BoolTensor] = None
+    scored_lse: Optional[torch.FloatTensor] = None  # [N] log-partition of each row, differentiable
+
+
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy with label smoothing ``eps`` (PyTorch's definition), and
+    each row's log-partition ``lse`` as a second, differentiable output, so that
+    ``lm_kd`` reuses it instead of another pass over the vocabulary. Backward is one
+    softmax pass for both outputs: ``softmax(z) (g_loss + g_lse) - (1 - eps) g_loss
+    onehot(y) - eps g_loss / V``, where autograd's would be several."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, target: torch.Tensor, eps: float):
+        lse = torch.logsumexp(z, dim=-1)
+        loss = lse - (1.0 - eps) * z.gather(-1, target[:, None])[:, 0] - eps * z.mean(-1)
+        ctx.save_for_backward(z, target, lse)
+        ctx.eps = eps
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, g_loss: torch.Tensor, g_lse: torch.Tensor):
+        z, target, lse = ctx.saved_tensors
+        eps, vocab = ctx.eps, z.shape[-1]
+        g_loss = torch.zeros_like(lse) if g_loss is None else g_loss
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        grad = torch.sub(z, lse[:, None]).exp_().mul_((g_loss + g_lse)[:, None]).sub_((eps / vocab) * g_loss[:, None])
+        return grad.scatter_add_(-1, target[:, None], -(1.0 - eps) * g_loss[:, None]), None, None
 
 
 class ScoredLMHeadDecoder(XBertLMHeadDecoder):
@@ -235,14 +260,15 @@ class ScoredLMHeadDecoder(XBertLMHeadDecoder):
         )
         keep = labels[:, 1:] != -100
         logits = self.cls(out.last_hidden_state[:, :-1][keep])
-        loss = F.cross_entropy(logits, labels[:, 1:][keep], reduction="none", label_smoothing=self.LABEL_SMOOTHING)
+        loss, lse = SmoothedCrossEntropy.apply(logits, labels[:, 1:][keep], self.LABEL_SMOOTHING)
         reduction = a.get("reduction", "mean")
         if reduction == "none":  # per sequence, summed over its tokens (BlipVQA's answer loss)
             loss = loss.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], loss)
         else:
             loss = loss.mean() if reduction == "mean" else loss.sum()
         return ScoredLMOutput(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions,
-                              cross_attentions=out.cross_attentions, scored_logits=logits, scored_mask=keep)
+                              cross_attentions=out.cross_attentions, scored_logits=logits, scored_mask=keep,
+                              scored_lse=lse)
 
 
 # the signature of LAVIS's forward: arguments bind by name, and transformers' generate()
