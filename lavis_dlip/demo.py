@@ -172,7 +172,9 @@ def prepare_task(task: str, data: Path, out: Path, options: Sequence[str]) -> di
 
 def _one_job(cfg_path: Path, output_dir: Path, options: Sequence[str], threads: int) -> dict:
     """A student run in a pool process: its own share of the CPU threads, its console
-    output in ``<output_dir>.log`` (two runs' progress bars would interleave)."""
+    output in ``<output_dir>.log`` (two runs' progress bars would interleave): the
+    process's stdout and stderr, at the file descriptors (C code) and in Python
+    (``sys.stdout``, ``sys.stderr`` and the logging handlers that write to them)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -180,19 +182,23 @@ def _one_job(cfg_path: Path, output_dir: Path, options: Sequence[str], threads: 
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "w") as f:
+    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    handlers = [h for h in logging.getLogger().handlers
+                if type(h) is logging.StreamHandler and h.stream in saved_streams]
+    with open(log, "w", buffering=1) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
+        previous = [h.setStream(f) for h in handlers]
         try:
             return {**train_student(cfg_path, output_dir, options), "log": str(log)}
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            for handler, stream in zip(handlers, previous):
+                handler.setStream(stream)
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds):
+                os.dup2(saved, fd)
+                os.close(saved)
 
 
 def train_students(jobs: dict[tuple[str, str], tuple], parallel: int) -> dict[tuple[str, str], dict]:
