@@ -67,6 +67,10 @@ def main() -> None:
     results = [run_task(t, args.seeds, Path(args.output_dir).resolve() / t) for t in args.tasks]
     for r in results:
         r["summary"] = summary(r)
+        r["measured"] = time.strftime("%Y-%m-%d")
+    # tasks not run this time keep their earlier rows (each row says when it was measured)
+    earlier = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").is_file() else []
+    results += [r for r in earlier if r["task"] not in args.tasks]
     seeds = ", ".join(map(str, args.seeds))
     lines = [
         "# Cached against online distillation (demo)",
@@ -74,17 +78,18 @@ def main() -> None:
         "`python benchmarks/cache_quality.py`: each demo distillation (`projects/dlip/demo/distill_*.yaml`, "
         f"the demo's teachers and caches) trained online and from the teacher-output cache, seeds {seeds}; "
         f"test split scores. Wall time {(time.time() - start) / 60:.1f} min on "
-        f"{os.cpu_count()} CPU cores.",
+        f"{os.cpu_count()} CPU cores for {', '.join(args.tasks)}; other rows are kept from an earlier run "
+        "(the demo yamls of that day).",
         "",
-        "| task | metric | teacher | online (per seed) | cached (per seed) | online seed spread "
+        "| task | measured | metric | teacher | online (per seed) | cached (per seed) | online seed spread "
         "| cached - online (means) | within spread | s per run online / cached |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         online, cached = (" / ".join(f"{v:.1f}" for v in s["scores"][m]) for m in ("online", "cached"))
         lines.append(
-            f"| {r['task']} | {r['metric']} | {r['teacher']:.1f} | {online} "
+            f"| {r['task']} | {r.get('measured', 'before 2026-11-26')} | {r['metric']} | {r['teacher']:.1f} | {online} "
             f"| {cached} | {s['online_seed_spread']:.1f} "
             f"| {s['cached_minus_online']:+.1f} | {'yes' if s['within_spread'] else 'no'} "
             f"| {s['mean_seconds']['online']:.0f} / {s['mean_seconds']['cached']:.0f} |")

@@ -12,6 +12,8 @@ What differs from ``RunnerBase`` and why (LAVIS 1.0.2 file:line in brackets):
 * barriers only when a process group exists [runner_base.py:406];
   evaluation passes ``cuda_enabled`` [runner_base.py:469 -> base_task.py:88];
 * the progress bar shows every loss term, lr and samples/s; LAVIS logs only "loss";
+* on CPU, AdamW is PyTorch's fused one and glibc keeps freed memory for reuse
+  (``keep_freed_memory``): both only make steps faster;
 * checkpoints hold the full model state (momentum encoders and queues too
   [runner_base.py:311 drops them, so LAVIS's resume fails: LAVIS issue #153]),
   optimizer, scaler, epoch, best metric and RNG states, written atomically;
