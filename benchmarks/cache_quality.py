@@ -89,7 +89,8 @@ def main() -> None:
         s = r["summary"]
         online, cached = (" / ".join(f"{v:.1f}" for v in s["scores"][m]) for m in ("online", "cached"))
         lines.append(
-            f"| {r['task']} | {r.get('measured', 'before 2026-11-26')} | {r['metric']} | {r['teacher']:.1f} | {online} "
+            f"| {r['task']} | {r.get('measured', 'an earlier session')} | {r['metric']} "
+            f"| {r['teacher']:.1f} | {online} "
             f"| {cached} | {s['online_seed_spread']:.1f} "
             f"| {s['cached_minus_online']:+.1f} | {'yes' if s['within_spread'] else 'no'} "
             f"| {s['mean_seconds']['online']:.0f} / {s['mean_seconds']['cached']:.0f} |")
