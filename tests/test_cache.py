@@ -18,6 +18,7 @@ from lavis_dlip.distill.cache import load_chunk
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
 RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, {name: itm_kd, key: itm_all}, "
+                   "{name: itm_kd, pairs: mined, key: itm_mined}, "
                    "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, stream: vision}, "
                    "{name: hidden, stream: text}, {name: hidden, stream: fusion}, "
                    "{name: attention, stream: text}, {name: attention, stream: fusion, kind: cross}]")
@@ -53,7 +54,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.distill import load_teacher
     from lavis_dlip.distill.capture import Capture
-    from lavis_dlip.distill.outputs import BlipOutputs
+    from lavis_dlip.distill.outputs import BlipOutputs, MinedPairs, positive_pairs
 
     monkeypatch.chdir(tmp_path)
     name, extra = CASES[case]
@@ -77,12 +78,19 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     with torch.no_grad(), Capture(student, distiller.student_points) as records:
         output = student(samples)
     s = BlipOutputs(student, records, output)
-    online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points)
+    positives = positive_pairs(samples, 8, samples["image"].device)
+    online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
     cached = task.cache.outputs(samples, records, teacher)
+    if case == "retrieval":
+        _check_mined(online, cached, positives, task, samples)
     compared = 0
     for term in distiller.terms:
         if term.teacher_free:
             continue
+        if getattr(term, "pairs", None) == "mined":  # the cache mined in its build batch: score those pairs online
+            pairs = cached.mined
+            online.mined = MinedPairs(pairs.input_ids, pairs.attention_mask,
+                                      online.itm_logits_on(pairs.input_ids, pairs.attention_mask))
         with torch.no_grad():
             want, got = float(term(s, online)), float(term(s, cached))
         if term.NAME == "lm_kd":  # top-k plus the rest: a lower bound of the full KL
@@ -91,6 +99,23 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
             assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (term.key, got, want)
         compared += 1
     assert compared >= 3
+
+
+def _check_mined(online, cached, positives, task, samples) -> None:
+    """The teacher's mined caption: its most similar among the other images' (online,
+    in this batch); the cache's: another sample's caption, as the student tokenizes it."""
+    sim = online.image_feat @ online.text_feat.t()
+    mined, fused = online.mined, online.call("fusion")
+    for i in range(sim.shape[0]):
+        j = int(sim[i].masked_fill(positives[i], float("-inf")).argmax())
+        assert not positives[i, j] and torch.equal(mined.input_ids[i], fused.input_ids[j])
+    torch.testing.assert_close(mined.logits, online.itm_logits_on(mined.input_ids, mined.attention_mask))
+    tokenizer, dataset = task.teacher.model.tokenizer, task.cache_dataset
+    for i, index in enumerate(samples["cache_index"].tolist()):
+        ids = cached.mined.input_ids[i][cached.mined.attention_mask[i].bool()]
+        caption = tokenizer.decode(ids[1:], skip_special_tokens=True)
+        owner = [k for k, ann in enumerate(dataset.annotation) if dataset.text_processor(ann["caption"]) == caption]
+        assert owner and all(dataset.annotation[k]["image"] != dataset.annotation[index]["image"] for k in owner)
 
 
 def test_topk_kl_is_the_full_kl_when_k_covers_the_vocabulary():

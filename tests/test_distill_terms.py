@@ -14,7 +14,7 @@ from lavis_dlip.errors import ConfigError
 from lavis_dlip.distill import Distiller, build_terms, load_teacher
 from lavis_dlip.distill.capture import Capture
 from lavis_dlip.distill.losses import feature_loss, prob_kl, soft_kl
-from lavis_dlip.distill.outputs import DistillError, match_rows
+from lavis_dlip.distill.outputs import BlipOutputs, DistillError, hardest_negatives, match_rows, positive_pairs
 
 WIDER = {"vision": {"width": 96, "depth": 3, "heads": 3},
          "text": {"width": 96, "heads": 3, "intermediate_size": 192, "layers": 3},
@@ -189,6 +189,49 @@ def test_match_rows():
     assert match_rows(table[[2, 0, 0, 3]], table, "x").tolist() == [2, 0, 0, 3]
     with pytest.raises(DistillError, match="negative_all_rank"):
         match_rows(torch.randn(1, 3, 8), table, "x")
+
+
+def test_hardest_negatives_skip_an_images_own_captions():
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.3, 0.7], [0.5, 0.4, 0.6]])
+    same_image = positive_pairs({"image_id": torch.tensor([7, 7, 3])}, 3, sim.device)
+    assert same_image.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert hardest_negatives(sim, same_image).tolist() == [2, 2, 0]
+    assert positive_pairs({}, 2, sim.device).tolist() == [[True, False], [False, True]]  # pairs data: the diagonal
+    # a batch of one image's captions has no negative: each keeps its most similar own caption
+    assert hardest_negatives(sim, torch.ones(3, 3, dtype=torch.bool)).tolist() == [0, 2, 2]
+
+
+def test_itm_kd_on_mined_pairs_is_the_kl_of_both_models_on_the_teachers_pairs(pair):
+    """``pairs: mined``: per image the teacher's most similar caption of another image;
+    the student scores the same pairs in one more fused pass of its own."""
+    student, teacher = pair
+    (term,) = terms([{"name": "itm_kd", "pairs": "mined"}], pair)
+    distiller = Distiller([term])
+    samples = {**batch(), "image_id": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])}  # captions 0 and 1: one image
+    positives = positive_pairs(samples, 8, torch.device("cpu"))
+    student.eval()
+    try:
+        with torch.no_grad(), Capture(student, distiller.student_points) as rec:
+            out = student(samples)
+        t = teacher.replay(samples["image"], rec, distiller.needs, distiller.teacher_points, positives=positives)
+        j = hardest_negatives(t.image_feat @ t.text_feat.t(), positives)
+        assert j[0] != 1 and j[1] != 0 and all(j[i] != i for i in range(8))
+        fused = rec.find("fusion")
+        assert torch.equal(t.mined.input_ids, fused.input_ids[j])
+        s = BlipOutputs(student, rec, out)
+        with torch.no_grad():
+            hidden = student.text_encoder(fused.input_ids[j], attention_mask=fused.attention_mask[j],
+                                          encoder_hidden_states=rec.image,
+                                          encoder_attention_mask=torch.ones(rec.image.shape[:-1], dtype=torch.long),
+                                          return_dict=True).last_hidden_state
+            by_hand = student.itm_head(hidden[:, 0])
+            expected = soft_kl(torch.cat([s.itm_logits("positives"), by_hand]),
+                               torch.cat([t.itm_logits("positives"), t.mined.logits]))
+            assert term(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+        with pytest.raises(ValueError, match="positive pairs"):
+            teacher.replay(samples["image"], rec, distiller.needs, distiller.teacher_points)
+    finally:
+        student.train()
 
 
 def test_teacher_replay_matches_the_teacher_run_by_hand(pair):

@@ -21,6 +21,8 @@ replaying it every step ("dataset reinforcement", as MobileCLIP does at scale).
   of the full KL). ``itm_kd`` with ``pairs: all`` scores the student's own hard
   negatives, unknown in advance: the cache then also stores the teacher's image
   embeddings, and its text encoder runs online on the negative pairs only (no ViT).
+  With ``pairs: mined`` the teacher mines them in the build batch: the cache
+  stores each image's mined caption (token ids) and the pair's ITM logits.
 * **Keyed** by the teacher (config and weights' sha256), the data (annotations,
   processors), the student's text handling, the augmentations and the stored
   fields: a cache built for anything else is refused with the difference named.
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavis_dlip.distill.outputs import MinedPairs, positive_pairs, scored_positions
 from lavis_dlip.errors import ConfigError, check_keys
 
 VERSION = 2  # 2: chunks packed into one buffer per dtype (save_chunk)
@@ -189,6 +192,8 @@ class Spec:
                 needs.add("text")
             if field in ("itm_pos", "fusion_cls") or stream == "fusion":
                 needs.add("fusion")
+            if field == "itm_mined":
+                needs |= {"text", "fusion", "fusion_mined"}
             if field == "decoder_cls" or stream == "decoder" or field.startswith("lm_t"):
                 needs.add("decoder")
         return needs
@@ -230,8 +235,6 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
             dtype: torch.dtype) -> list[dict[str, Any]]:
     """Per-sample entries (field -> list of rows, on the CPU) of one build batch:
     ``t`` the teacher's outputs, ``student_records`` what the student's forward fed it."""
-    from lavis_dlip.distill.outputs import scored_positions
-
     batch = samples["image"].shape[0]
     entries: list[dict[str, Any]] = [{} for _ in range(batch)]
 
@@ -271,6 +274,10 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
                 return {"values": top.values[a:b], "indices": top.indices[a:b].int(), "lse": lse[a:b]}
 
             put(field, keep, "decoder", lm_row)
+        elif field == "itm_mined":  # the mined caption's token ids (int32, its own length) and the logits
+            mined = t.mined
+            put(field, mined.logits, "vision",
+                lambda r, row, m=mined: {"logits": row, "ids": m.input_ids[r][m.attention_mask[r].bool()].int()})
         else:
             stream = "decoder" if field == "decoder_cls" else "vision"
             value = {"image_feat": lambda: t.image_feat, "text_feat": lambda: t.text_feat,
@@ -289,8 +296,8 @@ def _to_cpu(value: Any, dtype: torch.dtype) -> Any:
         return {k: _to_cpu(v, dtype) for k, v in value.items()}
     if isinstance(value, list):
         return [_to_cpu(v, dtype) for v in value]
-    if torch.is_tensor(value):
-        return value.detach().cpu().to(dtype).clone()
+    if torch.is_tensor(value):  # token ids stay integers
+        return value.detach().cpu().to(dtype if value.is_floating_point() else value.dtype).clone()
     return value
 
 
@@ -403,6 +410,11 @@ class CacheReader:
             if field.startswith("lm_t"):
                 fields[field] = tuple(torch.cat([r[k] for r in rows]).to(device)
                                       for k in ("values", "indices", "lse"))
+            elif field == "itm_mined":  # right-padded to the longest mined caption
+                ids = torch.nn.utils.rnn.pad_sequence([r["ids"].long() for r in rows], batch_first=True)
+                mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r["ids"]) for r in rows], batch_first=True)
+                fields[field] = MinedPairs(ids.to(device), mask.long().to(device),
+                                           torch.stack([r["logits"] for r in rows]).to(device).float())
             elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
                 call = records.find(parts[0])
                 length = call.attention_mask.shape[1]
@@ -473,6 +485,10 @@ class CachedOutputs:
     def __init__(self, fields: dict[str, Any], temp: Optional[float]):
         self.fields, self.temp = fields, temp
         self.negatives: Optional[torch.Tensor] = None
+
+    @property
+    def mined(self) -> MinedPairs:
+        return self._get("itm_mined")
 
     def _get(self, field: str):
         if field not in self.fields:
@@ -570,7 +586,9 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
             samples.update(epoch=0, iters=0, num_iters_per_epoch=1)
             with torch.no_grad(), Capture(student, set()) as records:
                 student(samples)
-            t = teacher.replay(samples["image"], records, spec.needs, spec.points)
+            image = samples["image"]
+            t = teacher.replay(image, records, spec.needs, spec.points,
+                               positives=positive_pairs(samples, image.shape[0], image.device))
             entries += extract(spec, t, records, samples, temperatures, dtype)
             bar.update(len(items))
             if not reported:

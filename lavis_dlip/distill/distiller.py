@@ -11,7 +11,7 @@ from torch import nn
 from lavis_dlip.distill.cache import CacheReader
 from lavis_dlip.distill.capture import Capture
 from lavis_dlip.distill.losses import LossTerm
-from lavis_dlip.distill.outputs import BlipOutputs
+from lavis_dlip.distill.outputs import BlipOutputs, positive_pairs
 from lavis_dlip.distill.teacher import FrozenTeacher
 
 ATTRIBUTE = "dlip_distill"  # where the terms live on the student (their projections train with it)
@@ -43,7 +43,9 @@ class Distiller(nn.Module):
         if self.uses_teacher and cache is not None:
             t = cache.outputs(samples, records, teacher)
         elif self.uses_teacher:
-            t = teacher.replay(samples["image"], records, self.needs, self.teacher_points)
+            image = samples["image"]
+            t = teacher.replay(image, records, self.needs, self.teacher_points,
+                               positives=positive_pairs(samples, image.shape[0], image.device))
         values = {term.key: term(s, t) for term in self.terms}
         loss = sum(term.weight * values[term.key] for term in self.terms)
         return loss, {f"loss_{k}": v for k, v in values.items()}

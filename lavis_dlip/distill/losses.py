@@ -25,7 +25,7 @@ from torch import nn
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.models.layout import select_layers, stream_layers, stream_width
 from lavis_dlip.distill.capture import KINDS, STREAMS, Point
-from lavis_dlip.distill.outputs import BlipOutputs
+from lavis_dlip.distill.outputs import BlipOutputs, DistillError
 
 TERMS: dict[str, type[LossTerm]] = {}
 COMMON = ("name", "weight", "key")
@@ -222,22 +222,34 @@ class ITCDistill(LossTerm):
 
 @register_term("itm_kd")
 class ITMDistill(LossTerm):
-    """KL on the 2-way ITM logits, on the student's positive and (``pairs: all``)
-    hard-negative pairs, which the teacher scores too."""
+    """KL on the 2-way ITM logits of the positive pairs and, with ``pairs``:
+
+    * ``all``: the student's own hard negatives (LAVIS's), which the teacher scores too;
+    * ``mined``: per image, the caption of another image that the teacher ranks
+      highest (``BlipOutputs.mine_negatives``), which the student then scores; a
+      teacher-output cache stores these pairs and their logits, so no teacher runs;
+    * ``positives``: none."""
 
     KEYS = ("temperature", "pairs")
+    NEEDS = {"all": {"fusion", "fusion_neg"}, "mined": {"text", "fusion", "fusion_mined"}, "positives": {"fusion"}}
 
     def __init__(self, cfg, student, teacher, where):
         super().__init__(cfg, student, teacher, where)
         self.temperature = _number(cfg.get("temperature", 1.0), f"{where}.temperature", positive=True)
-        self.pairs = _choice(cfg, "pairs", ("all", "positives"), "all", where)
-        self.needs = frozenset({"fusion", "fusion_neg"} if self.pairs == "all" else {"fusion"})
+        self.pairs = _choice(cfg, "pairs", tuple(self.NEEDS), "all", where)
+        self.needs = frozenset(self.NEEDS[self.pairs])
 
     def cache_fields(self):
-        return {"itm_pos"} if self.pairs == "positives" else {"online_fusion"}
+        return {"all": {"online_fusion"}, "mined": {"itm_pos", "itm_mined"}, "positives": {"itm_pos"}}[self.pairs]
 
     def forward(self, s, t):
-        return soft_kl(s.itm_logits(self.pairs), t.itm_logits(self.pairs), self.temperature)
+        if self.pairs != "mined":
+            return soft_kl(s.itm_logits(self.pairs), t.itm_logits(self.pairs), self.temperature)
+        mined = t.mined
+        if mined is None:
+            raise DistillError("itm_kd with pairs: mined: the teacher's outputs hold no mined pairs")
+        student = torch.cat([s.itm_logits("positives"), s.itm_logits_on(mined.input_ids, mined.attention_mask)])
+        return soft_kl(student, torch.cat([t.itm_logits("positives"), mined.logits]), self.temperature)
 
 
 @register_term("lm_kd")

@@ -8,7 +8,7 @@ configured costs nothing.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,46 @@ def match_rows(rows: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tens
         raise DistillError(
             f"{what}: {int((~found).sum())} of {rows.shape[0]} rows are not in this process's batch "
             f"(LAVIS mines negatives across processes with model.negative_all_rank: True); "
-            f"set negative_all_rank: False or use itm_kd with pairs: positives"
+            f"set negative_all_rank: False or use itm_kd with pairs: mined or positives"
         )
     return equal.float().argmax(1)
+
+
+def positive_pairs(samples: Mapping[str, Any], batch: int, device: torch.device) -> torch.Tensor:
+    """``[B, B]``: True where text ``j`` belongs to image ``i``: same ``image_id``
+    (retrieval data holds several captions per image), else the diagonal (LAVIS's
+    pre-training does the same)."""
+    ids = samples.get("image_id")
+    if not torch.is_tensor(ids):
+        return torch.eye(batch, dtype=torch.bool, device=device)
+    ids = ids.to(device).view(-1, 1)
+    return ids == ids.t()
+
+
+def hardest_negatives(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Per row of ``sim``, the column of highest similarity that is not a positive; a
+    row whose columns are all positives (every caption in the batch is the image's
+    own) keeps its highest: still a pair whose ITM logits a student can learn."""
+    only_own = positives.all(1, keepdim=True)
+    return torch.where(only_own, sim, sim.masked_fill(positives, float("-inf"))).argmax(1)
+
+
+def fused_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               image_embeds: torch.Tensor) -> torch.Tensor:
+    """The model's fused (ITM) pass of row ``i``'s text with row ``i``'s image: last hidden state."""
+    atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return model.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=atts, return_dict=True).last_hidden_state
+
+
+class MinedPairs(NamedTuple):
+    """Image ``i`` with the caption its teacher finds hardest among the batch's other
+    images' (``itm_kd`` with ``pairs: mined``): that caption's fused-pass token ids and
+    mask, and the teacher's ITM logits of the pair."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits: torch.Tensor
 
 
 def scored_positions(call: Call) -> torch.Tensor:
@@ -53,6 +90,7 @@ class BlipOutputs:
         self.model = model
         self.records = records
         self.lavis_output = lavis_output
+        self.mined: Optional[MinedPairs] = None  # a teacher's, replayed with fusion_mined
 
     # -- records
     def call(self, stream: str, nth: int = 0) -> Call:
@@ -101,6 +139,19 @@ class BlipOutputs:
         if pairs == "all":
             cls.append(self.call("fusion", 1).output[:, 0, :])
         return self.model.itm_head(torch.cat(cls, dim=0))
+
+    def itm_logits_on(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits of image ``i`` paired with text row ``i`` (a pass outside the
+        LAVIS forward: the pairs ``itm_kd`` mined with the teacher)."""
+        return self.model.itm_head(fused_pass(self.model, input_ids, attention_mask, self.image_embeds)[:, 0, :])
+
+    def mine_negatives(self, positives: torch.Tensor) -> MinedPairs:
+        """Per image, the caption of another image in the batch that this model's ITC
+        similarity ranks highest (``hardest_negatives``), and the pair's ITM logits."""
+        hardest = hardest_negatives(self.image_feat @ self.text_feat.t(), positives)
+        call = self.call("fusion")  # positive pairs: row j is text j with BLIP's [ENC] token
+        ids, mask = call.input_ids[hardest], call.attention_mask[hardest]
+        return MinedPairs(ids, mask, self.itm_logits_on(ids, mask))
 
     # -- decoder
     @cached_property

@@ -25,7 +25,7 @@ from torch import nn
 
 from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
 from lavis_dlip.distill.capture import Capture, Point, Records
-from lavis_dlip.distill.outputs import BlipOutputs, match_rows
+from lavis_dlip.distill.outputs import BlipOutputs, fused_pass, match_rows
 from lavis_dlip.models.components import ScoredLMHeadDecoder
 
 TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
@@ -130,11 +130,14 @@ class FrozenTeacher:
 
     @torch.no_grad()
     def replay(self, image: Optional[torch.Tensor], student: Records, needs: set[str],
-               points: set[Point], image_embeds: Optional[torch.Tensor] = None) -> BlipOutputs:
+               points: set[Point], image_embeds: Optional[torch.Tensor] = None,
+               positives: Optional[torch.Tensor] = None) -> BlipOutputs:
         """Run the teacher's modules on what the student saw this step.
 
         ``needs`` picks the passes: ``image``, ``text``, ``fusion`` (positive pairs),
-        ``fusion_neg`` (the student's hard negatives, same pairs), ``decoder``.
+        ``fusion_neg`` (the student's hard negatives, same pairs), ``fusion_mined``
+        (per image, the teacher's own hardest negative caption: ``outputs.mined``;
+        ``positives`` says which captions are each image's, ``positive_pairs``), ``decoder``.
         ``image_embeds``: the teacher's image embeddings, read from the cache (no ViT).
         """
         model = self.model
@@ -149,9 +152,7 @@ class FrozenTeacher:
             def fuse(nth):
                 call = _need(student.find("fusion", nth), "fused (ITM / question)")
                 idx = match_rows(call.encoder_hidden_states, student.image, f"student fused pass {nth}")
-                fused[nth] = model.text_encoder(
-                    call.input_ids, attention_mask=call.attention_mask, encoder_hidden_states=image_embeds[idx],
-                    encoder_attention_mask=atts[idx], return_dict=True).last_hidden_state
+                fused[nth] = fused_pass(model, call.input_ids, call.attention_mask, image_embeds[idx])
 
             if "text" in needs:
                 call = _need(student.find("text"), "text")
@@ -171,7 +172,12 @@ class FrozenTeacher:
                 model.text_decoder(call.input_ids, attention_mask=call.attention_mask, encoder_hidden_states=states,
                                    encoder_attention_mask=mask, return_dict=True,
                                    **({"labels": call.labels} if scored else {}))
-        return BlipOutputs(model, records)
+        out = BlipOutputs(model, records)
+        if "fusion_mined" in needs:  # after the capture: its fused pass is no call of the student's
+            if positives is None:
+                raise ValueError("replay: fusion_mined needs the batch's positive pairs (outputs.positive_pairs)")
+            out.mined = out.mine_negatives(positives)
+        return out
 
 
     def _decoder_memory(self, call, student: Records, image_embeds, atts, fused: dict, fuse):
