@@ -16,13 +16,14 @@ do not depend on them; nothing is downloaded) and times, interleaved, on one bat
 Goals (issue 11): online <= teacher replay + student step + 10%; cached <= 1.15 x
 student step. Writes docs/benchmarks/distill_cost.md (and .json).
 
-    python benchmarks/distill_cost.py [--cases NAME ...] [--batch 8] [--repeats 4] [--device cpu]
+    python benchmarks/distill_cost.py [--cases NAME ...] [--batch 8] [--repeats 4] [--min-seconds 30] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -111,9 +112,11 @@ def measure(name: str, config: str, options: list, args, device) -> dict:
              "teacher replay": teacher_replay}
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls)
-    for r in range(args.warmup + args.repeats):
+    r, repeats = 0, args.repeats
+    while r < args.warmup + repeats:
         # interleaved, each repeat in a rotated order: no step always follows the same one
         # (a step right after the online one, which touches the teacher's memory, runs slower)
+        start = time.perf_counter()
         for call in order[r % len(order):] + order[:r % len(order)]:
             fn = calls[call]
             if device.type == "cuda":
@@ -124,10 +127,14 @@ def measure(name: str, config: str, options: list, args, device) -> dict:
                 torch.cuda.synchronize()
             if r >= args.warmup:
                 times[call].append(time.perf_counter() - t0)
+        if r == args.warmup:  # small models: more repeats, in whole rotations, for --min-seconds in all
+            rounds = math.ceil(args.min_seconds / (time.perf_counter() - start))
+            repeats = max(repeats, math.ceil(rounds / len(order)) * len(order))
+        r += 1
     ms = {call: 1000 * statistics.median(v) for call, v in times.items()}
     return {
         "case": name, "config": os.path.relpath(config, REPO), "options": options,
-        "batch": args.batch, "image_size": size, "median_ms": ms,
+        "batch": args.batch, "image_size": size, "repeats": repeats, "median_ms": ms,
         "params_M": {"student": count_params(student)["total"] / 1e6,
                      "teacher": count_params(teacher.model)["total"] / 1e6},
         "terms": [t.key for t in distiller.terms],
@@ -144,7 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=4, help="best a multiple of 4: each step in each place")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="at least; best a multiple of 4 (each step in each place)")
+    parser.add_argument("--min-seconds", type=float, default=30.0, help="repeat a case for at least this long")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -166,17 +175,19 @@ def main() -> None:
         "# Distillation training cost",
         "",
         f"`python benchmarks/distill_cost.py`: batch {args.batch}, {data['device']} ({data['threads']} threads), "
-        f"median of {args.repeats} interleaved repeats (order rotated each repeat) in one process, random "
-        "weights. The cached step reads a float16 teacher-output cache (top-32 decoder logits) written for the batch.",
+        f"median of interleaved repeats (order rotated each repeat; at least {args.repeats}, and at least "
+        f"{args.min_seconds:g} s a case) in one process, random weights. The cached step reads a float16 "
+        "teacher-output cache (top-32 decoder logits) written for the batch.",
         "",
-        "| case | px | student / teacher M | student step ms | online step | cached step | teacher replay "
+        "| case | px | repeats | student / teacher M | student step ms | online step | cached step | teacher replay "
         "| online / (replay + student) | cached / student | cache KiB/sample |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ms, q = r["median_ms"], r["ratios"]
         lines.append(
-            f"| {r['case']} | {r['image_size']} | {r['params_M']['student']:.1f} / {r['params_M']['teacher']:.1f} "
+            f"| {r['case']} | {r['image_size']} | {r['repeats']} "
+            f"| {r['params_M']['student']:.1f} / {r['params_M']['teacher']:.1f} "
             f"| {ms['student step']:.0f} | {ms['online step']:.0f} | {ms['cached step']:.0f} "
             f"| {ms['teacher replay']:.0f} | {q['online / (teacher replay + student step)']:.2f} "
             f"| {q['cached / student step']:.2f} | {r['cache_KiB_per_sample']:.0f} |")
