@@ -85,7 +85,7 @@ def measure(name: str, config: str, options: list, args, device) -> dict:
         student(samples)
     spec = cache.Spec.from_terms(list(distiller.terms), topk=32)
     temps = {f"lm_t{t.temperature:g}": t.temperature for t in distiller.terms if t.NAME == "lm_kd"}
-    positives = positive_pairs(samples, args.batch, device)
+    positives = positive_pairs(samples)
     t_out = teacher.replay(samples["image"], records, spec.needs, spec.points, positives=positives)
     entries = cache.extract(spec, t_out, records, samples, temps, torch.float16)
     directory = tempfile.mkdtemp(prefix="dlip-bench-cache-")

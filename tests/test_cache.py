@@ -78,7 +78,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     with torch.no_grad(), Capture(student, distiller.student_points) as records:
         output = student(samples)
     s = BlipOutputs(student, records, output)
-    positives = positive_pairs(samples, 8, samples["image"].device)
+    positives = positive_pairs(samples)
     online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
     cached = task.cache.outputs(samples, records, teacher)
     if case == "retrieval":

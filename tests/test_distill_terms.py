@@ -193,10 +193,11 @@ def test_match_rows():
 
 def test_hardest_negatives_skip_an_images_own_captions():
     sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.3, 0.7], [0.5, 0.4, 0.6]])
-    same_image = positive_pairs({"image_id": torch.tensor([7, 7, 3])}, 3, sim.device)
+    images = torch.zeros(3, 3, 4, 4)
+    same_image = positive_pairs({"image": images, "image_id": torch.tensor([7, 7, 3])})
     assert same_image.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
     assert hardest_negatives(sim, same_image).tolist() == [2, 2, 0]
-    assert positive_pairs({}, 2, sim.device).tolist() == [[True, False], [False, True]]  # pairs data: the diagonal
+    assert positive_pairs({"image": images[:2]}).tolist() == [[True, False], [False, True]]  # pairs data: the diagonal
     # a batch of one image's captions has no negative: each keeps its most similar own caption
     assert hardest_negatives(sim, torch.ones(3, 3, dtype=torch.bool)).tolist() == [0, 2, 2]
 
@@ -208,7 +209,7 @@ def test_itm_kd_on_mined_pairs_is_the_kl_of_both_models_on_the_teachers_pairs(pa
     (term,) = terms([{"name": "itm_kd", "pairs": "mined"}], pair)
     distiller = Distiller([term])
     samples = {**batch(), "image_id": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])}  # captions 0 and 1: one image
-    positives = positive_pairs(samples, 8, torch.device("cpu"))
+    positives = positive_pairs(samples)
     student.eval()
     try:
         with torch.no_grad(), Capture(student, distiller.student_points) as rec:

@@ -412,8 +412,9 @@ class CacheReader:
                                       for k in ("values", "indices", "lse"))
             elif field == "itm_mined":  # right-padded to the longest mined caption
                 ids = torch.nn.utils.rnn.pad_sequence([r["ids"].long() for r in rows], batch_first=True)
-                mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r["ids"]) for r in rows], batch_first=True)
-                fields[field] = MinedPairs(ids.to(device), mask.long().to(device),
+                mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["ids"]), dtype=torch.long) for r in rows],
+                                                       batch_first=True)
+                fields[field] = MinedPairs(ids.to(device), mask.to(device),
                                            torch.stack([r["logits"] for r in rows]).to(device).float())
             elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
                 call = records.find(parts[0])
@@ -586,9 +587,7 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
             samples.update(epoch=0, iters=0, num_iters_per_epoch=1)
             with torch.no_grad(), Capture(student, set()) as records:
                 student(samples)
-            image = samples["image"]
-            t = teacher.replay(image, records, spec.needs, spec.points,
-                               positives=positive_pairs(samples, image.shape[0], image.device))
+            t = teacher.replay(samples["image"], records, spec.needs, spec.points, positives=positive_pairs(samples))
             entries += extract(spec, t, records, samples, temperatures, dtype)
             bar.update(len(items))
             if not reported:

@@ -43,9 +43,8 @@ class Distiller(nn.Module):
         if self.uses_teacher and cache is not None:
             t = cache.outputs(samples, records, teacher)
         elif self.uses_teacher:
-            image = samples["image"]
-            t = teacher.replay(image, records, self.needs, self.teacher_points,
-                               positives=positive_pairs(samples, image.shape[0], image.device))
+            t = teacher.replay(samples["image"], records, self.needs, self.teacher_points,
+                               positives=positive_pairs(samples))
         values = {term.key: term(s, t) for term in self.terms}
         loss = sum(term.weight * values[term.key] for term in self.terms)
         return loss, {f"loss_{k}": v for k, v in values.items()}

@@ -38,14 +38,14 @@ def match_rows(rows: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tens
     return equal.float().argmax(1)
 
 
-def positive_pairs(samples: Mapping[str, Any], batch: int, device: torch.device) -> torch.Tensor:
-    """``[B, B]``: True where text ``j`` belongs to image ``i``: same ``image_id``
-    (retrieval data holds several captions per image), else the diagonal (LAVIS's
-    pre-training does the same)."""
-    ids = samples.get("image_id")
+def positive_pairs(samples: Mapping[str, Any]) -> torch.Tensor:
+    """``[B, B]`` on the images' device: True where text ``j`` belongs to image ``i``:
+    same ``image_id`` (retrieval data holds several captions per image), else the
+    diagonal (LAVIS's pre-training does the same)."""
+    image, ids = samples["image"], samples.get("image_id")
     if not torch.is_tensor(ids):
-        return torch.eye(batch, dtype=torch.bool, device=device)
-    ids = ids.to(device).view(-1, 1)
+        return torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
+    ids = ids.to(image.device).view(-1, 1)
     return ids == ids.t()
 
 
