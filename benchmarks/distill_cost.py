@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -131,6 +132,7 @@ def measure(name: str, config: str, options: list, args, device) -> dict:
             rounds = math.ceil(args.min_seconds / (time.perf_counter() - start))
             repeats = max(repeats, math.ceil(rounds / len(order)) * len(order))
         r += 1
+    shutil.rmtree(directory, ignore_errors=True)
     ms = {call: 1000 * statistics.median(v) for call, v in times.items()}
     return {
         "case": name, "config": os.path.relpath(config, REPO), "options": options,

@@ -121,13 +121,13 @@ def export(model, kind: str, directory: Path):
     return load(directory), seconds, compare(model, directory, "onnx")
 
 
-def measure(kind: str, batches: list[int], args) -> list[dict]:
+def measure(kind: str, batches: list[int], args, scratch: Path) -> list[dict]:
     import torch
 
     from lavis_dlip import report
 
     models = dict(zip(MODELS[kind], (report.build(spec, SIZE, OFFLINE_VOCAB) for spec in MODELS[kind])))
-    exports = {spec: export(m, kind, Path(tempfile.mkdtemp(prefix="dlip-serve-"))) for spec, m in models.items()}
+    exports = {spec: export(m, kind, Path(tempfile.mkdtemp(dir=scratch))) for spec, m in models.items()}
     for spec, (_, seconds, diffs) in exports.items():
         print(f"{spec}: exported in {seconds:.1f} s, max abs diff {max(diffs.values()):.1e}", flush=True)
     rows = []
@@ -166,7 +166,8 @@ def main() -> None:
 
     import lavis_dlip  # noqa: F401
 
-    new = [row for kind in args.tasks for row in measure(kind, args.batches, args)]
+    with tempfile.TemporaryDirectory(prefix="dlip-serve-") as scratch:  # the exports: gigabytes, removed after
+        new = [row for kind in args.tasks for row in measure(kind, args.batches, args, Path(scratch))]
     done = {(r["task"], r["batch"]) for r in new}
     old = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").is_file() else []
     rows = sorted([r for r in old if (r["task"], r["batch"]) not in done] + new,

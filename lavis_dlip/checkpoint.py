@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -37,6 +38,27 @@ def atomic_save(obj: Any, path: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_link(src: str, path: str) -> None:
+    """``path`` becomes the same file as ``src``: a hard link where the file system has
+    them (no second copy on disk: a run's per-epoch checkpoint and its latest one share
+    their bytes), a copy otherwise; renamed into place like ``atomic_save``. Saving over
+    either name later replaces that name only, never the bytes of the other."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-link")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (another device, some network file systems)
+            shutil.copy2(src, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
 

@@ -63,6 +63,7 @@ def _trained(job: Path) -> Path:
 
 def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
     """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
+    from lavis_dlip.checkpoint import atomic_link
     from lavis_dlip.cli import run
 
     cache = teacher_cache(cfg_path, data_dir, options)
@@ -80,7 +81,7 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(_trained(job), tmp / "checkpoint.pth")
+    atomic_link(str(_trained(job)), str(tmp / "checkpoint.pth"))  # a link: the run's file is not stored twice
     (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)  # complete or absent, never half written

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -80,6 +81,8 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
     # the student's decoder moves toward the (random, wider) teacher's states
     assert float(logs[-1]["train_loss_hidden_decoder"]) < 0.7 * float(logs[0]["train_loss_hidden_decoder"])
 
+    if kept != "checkpoint_best.pth":  # written once per epoch, stored once
+        assert os.path.samefile(job / kept, job / "checkpoint_latest.pth")
     _check_student_checkpoint(cfg, job / kept, arch, test, tmp_path)
 
 

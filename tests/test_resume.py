@@ -74,6 +74,27 @@ def test_atomic_save_keeps_the_last_good_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_a_second_checkpoint_name_shares_the_bytes_and_saving_over_one_keeps_the_other(tmp_path, monkeypatch,
+                                                                                       links):
+    """checkpoint_0.pth and checkpoint_latest.pth of an epoch are one file on disk (a copy
+    where hard links fail); the next epoch's save replaces the latest name only."""
+    from lavis_dlip import checkpoint as ckpt
+
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links")))
+    latest, epoch0 = tmp_path / "checkpoint_latest.pth", tmp_path / "checkpoint_0.pth"
+    ckpt.atomic_save({"epoch": 0}, str(latest))
+    ckpt.atomic_link(str(latest), str(epoch0))
+    assert os.path.samefile(latest, epoch0) == links
+    assert torch.load(epoch0, weights_only=False) == {"epoch": 0}
+
+    ckpt.atomic_save({"epoch": 1}, str(latest))
+    assert torch.load(epoch0, weights_only=False) == {"epoch": 0}
+    assert torch.load(latest, weights_only=False) == {"epoch": 1}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0.pth", "checkpoint_latest.pth"]
+
+
 def test_a_killed_save_is_cleaned_and_checkpoints_are_group_readable(tmp_path):
     """A kill mid-save (no exception handler runs) leaves a temporary file: the next
     save removes it. Checkpoints get the umask's permissions, like logs, not 0600."""

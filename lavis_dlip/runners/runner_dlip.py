@@ -475,10 +475,11 @@ class RunnerDlip(RunnerBase):
         names = [BEST] if is_best else [LATEST]
         if not is_best and not self.valid_splits:
             names.append(f"checkpoint_{cur_epoch}.pth")  # LAVIS keeps one per epoch without validation
-        for name in names:
-            path = self.output_dir / name
-            ckpt.atomic_save(state, str(path))
-            logger.info("saved %s (epoch %d)", path, cur_epoch)
+        first = self.output_dir / names[0]
+        ckpt.atomic_save(state, str(first))
+        for name in names[1:]:  # the same bytes under another name: written once, stored once
+            ckpt.atomic_link(str(first), str(self.output_dir / name))
+        logger.info("saved %s (epoch %d)", ", ".join(names), cur_epoch)
 
     def _reload_best_model(self, model):
         path = self.output_dir / BEST
