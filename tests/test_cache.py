@@ -203,6 +203,11 @@ def test_smoothed_cross_entropy_is_pytorchs_and_its_gradient_autograds():
     (want,) = torch.autograd.grad((F.cross_entropy(z, y, reduction="none", label_smoothing=0.1) * w).sum()
                                   + torch.logsumexp(z, -1).sum(), z)
     torch.testing.assert_close(g, want)
+    # far-apart logits (the target's probability underflows in float32): finite and still PyTorch's
+    wide = torch.tensor([[80.0, 0.0, -90.0], [0.0, 0.0, 0.0]])
+    loss, lse = SmoothedCrossEntropy.apply(wide, torch.tensor([2, 1]), 0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(wide, torch.tensor([2, 1]), reduction="none", label_smoothing=0.1))
+    torch.testing.assert_close(lse, torch.logsumexp(wide, -1))
 
 
 def _build_cmd(cache_dir) -> list[str]:

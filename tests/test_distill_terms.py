@@ -68,6 +68,29 @@ def test_soft_kl_known_values():
     assert soft_kl(x, x.clone()).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_lm_kd_from_the_students_own_log_partition_is_soft_kl():
+    """Online lm_kd at T = 1 reads the student's log-partition from its loss
+    (SmoothedCrossEntropy): the same value and the same gradient as soft_kl."""
+    from lavis_dlip.distill.losses import lse_kl
+    from lavis_dlip.models.components import SmoothedCrossEntropy
+
+    torch.manual_seed(0)
+    z = (torch.randn(6, 50, dtype=torch.float64) * 3).requires_grad_()
+    teacher, y = torch.randn(6, 50, dtype=torch.float64) * 3, torch.randint(0, 50, (6,))
+    results = []
+    for way in ("soft_kl", "lse_kl", "both losses' lse"):
+        ce, lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+        if way == "soft_kl":
+            kl = soft_kl(z, teacher)
+        else:
+            kl = lse_kl(z, lse, teacher, torch.logsumexp(teacher, -1) if way == "both losses' lse" else None)
+        results.append((float(kl), torch.autograd.grad(ce.sum() + kl, z)[0]))
+    assert results[0][0] > 0.1
+    for value, grad in results[1:]:
+        assert value == pytest.approx(results[0][0], rel=1e-9)
+        torch.testing.assert_close(grad, results[0][1])
+
+
 def test_masked_rows_are_ignored():
     s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
@@ -103,18 +126,23 @@ def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     logits = torch.randn(3, 3, generator=g)
     same = SimpleNamespace(itc_logits=logits, itm_logits=lambda pairs: logits[:, :2],
                            lm_rows=lambda keep=None: (logits, torch.ones(1, 3, dtype=torch.bool)),
+                           lm_lse=lambda: torch.logsumexp(logits, -1),  # as a DLIP decoder's loss gives it
                            image_feat=torch.randn(3, 32, generator=g))
     for term in (itc, itm, lm):
         assert term(same, same).item() == pytest.approx(0.0, abs=1e-6), term.key
     # hand case: a 2-sample batch whose teacher is sure and whose student is uniform
     s = SimpleNamespace(itc_logits=torch.zeros(2, 2), itm_logits=lambda pairs: torch.zeros(2, 2),
-                        lm_rows=lambda keep=None: (torch.zeros(1, 2), torch.tensor([[True, False]])))
+                        lm_rows=lambda keep=None: (torch.zeros(1, 2), torch.tensor([[True, False]])),
+                        lm_lse=lambda: None)  # a decoder whose loss gave no log-partition (LAVIS's)
     t = SimpleNamespace(itc_logits=torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]),
                         itm_logits=lambda pairs: torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]]),
-                        lm_rows=lambda keep: (torch.tensor([[math.log(3.0), 0.0]]), keep))  # the row keep selects
+                        lm_rows=lambda keep: (torch.tensor([[math.log(3.0), 0.0]]), keep),  # the row keep selects
+                        lm_lse=lambda: torch.tensor([math.log(4.0)]))
     known = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     for term in (itc, itm, lm):
         assert term(s, t).item() == pytest.approx(known, abs=1e-6), term.key
+    s.lm_lse = lambda: torch.tensor([math.log(2.0)])  # the student's own: lm_kd reads both log-partitions
+    assert lm(s, t).item() == pytest.approx(known, abs=1e-6)
 
     # per-layer terms read layer(stream, kind, index) -> (tensor, mask)
     x = torch.randn(2, 5, 64, generator=g)

@@ -58,6 +58,55 @@ def prob_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: Opti
     return _masked_mean(kl, mask)
 
 
+class _LseKL(torch.autograd.Function):
+    """Per row, KL(softmax(t) || softmax(z)) = p_t . (t - z) - lse(t) + lse(z), from the
+    student's log-partition ``lse(z)`` as its loss computed it (differentiable) and the
+    teacher's. The gradient to ``z`` is ``-p_t g``: one pass over the vocabulary, which
+    autograd adds to the loss's own; the softmax part arrives through ``lse(z)``, in the
+    pass the loss makes anyway. Autograd's ``soft_kl`` makes about ten passes."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, z_lse: torch.Tensor, t: torch.Tensor, t_lse: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(z.dtype, torch.float32)  # sums over the vocabulary: never in half
+        pt = torch.softmax(t.to(dtype), dim=-1)
+        ctx.save_for_backward(pt)
+        ctx.z_dtype = z.dtype
+        return (pt * (t.to(dtype) - z.to(dtype))).sum(-1) - t_lse.to(dtype) + z_lse.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pt,) = ctx.saved_tensors
+        return (pt * -grad[:, None]).to(ctx.z_dtype), grad, None, None
+
+
+def lse_kl(student_logits: torch.Tensor, student_lse: torch.Tensor, teacher_logits: torch.Tensor,
+           teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``soft_kl`` at T = 1, mean over rows, from the log-partitions the two models'
+    losses computed (``teacher_lse`` None: computed here); see ``_LseKL``."""
+    if teacher_lse is None:
+        teacher_lse = torch.logsumexp(teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)), -1)
+    return _LseKL.apply(student_logits, student_lse, teacher_logits.detach(), teacher_lse.detach()).mean()
+
+
+class _SparseGather(torch.autograd.Function):
+    """``z.gather(-1, indices)`` whose gradient is a sparse tensor: autograd adds it
+    into the gradient ``z`` gets from its loss, where a dense one would be a zero-filled
+    ``[N, vocab]`` tensor, written, scattered into and added (several passes)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        ctx.shape = z.shape
+        return z.gather(-1, indices)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (indices,) = ctx.saved_tensors
+        rows = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)
+        where = torch.stack([rows.reshape(-1), indices.reshape(-1)])
+        return torch.sparse_coo_tensor(where, grad.reshape(-1), ctx.shape, check_invariants=False), None
+
+
 class _GatheredLogSoftmax(torch.autograd.Function):
     """``log_softmax(z)`` at ``indices`` only, without an ``[N, vocab]`` log-softmax:
     one logsumexp forward, one softmax pass backward (autograd's gather, logsumexp
@@ -90,7 +139,7 @@ def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     log_pt = values.float() / t - lse[:, None]
     pt = log_pt.exp()
     if student_lse is not None and t == 1:
-        log_ps = z.gather(-1, indices.long()) - student_lse[:, None]
+        log_ps = _SparseGather.apply(z, indices.long()) - student_lse[:, None]
     else:
         log_ps = _GatheredLogSoftmax.apply(z, indices.long())
     rest_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
@@ -274,6 +323,9 @@ class LMDistill(LossTerm):
             return ls.sum() * 0.0
         if hasattr(t, "lm_topk"):  # read from the teacher-output cache
             return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature, student_lse=s.lm_lse())
+        lse = s.lm_lse()
+        if lse is not None and self.temperature == 1:
+            return lse_kl(ls, lse, t.lm_rows(keep)[0], t.lm_lse())
         return soft_kl(ls, t.lm_rows(keep)[0], self.temperature)
 
 

@@ -212,23 +212,26 @@ class ScoredLMOutput(CausalLMOutputWithCrossAttentions):
 class SmoothedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy with label smoothing ``eps`` (PyTorch's definition), and
     each row's log-partition ``lse`` as a second, differentiable output, so that
-    ``lm_kd`` reuses it instead of another pass over the vocabulary. Backward is one
-    softmax pass for both outputs: ``softmax(z) (g_loss + g_lse) - (1 - eps) g_loss
-    onehot(y) - eps g_loss / V``, where autograd's would be several."""
+    ``lm_kd`` reuses it instead of another pass over the vocabulary. Forward keeps the
+    softmax for backward, which is then one pass without ``exp`` for both outputs:
+    ``softmax(z) (g_loss + g_lse) - eps g_loss / V - (1 - eps) g_loss onehot(y)``,
+    where autograd's would be several."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, target: torch.Tensor, eps: float):
-        lse = torch.logsumexp(z, dim=-1)
+        p = torch.softmax(z, dim=-1)
+        top, where = z.max(dim=-1, keepdim=True)
+        lse = (top - p.gather(-1, where).log())[:, 0]  # the largest probability is >= 1 / V: its log is safe
         loss = lse - (1.0 - eps) * z.gather(-1, target[:, None])[:, 0] - eps * z.mean(-1)
-        ctx.save_for_backward(z, target, lse)
+        ctx.save_for_backward(p, target)
         ctx.eps = eps
         return loss, lse
 
     @staticmethod
     def backward(ctx, g_loss: torch.Tensor, g_lse: torch.Tensor):
-        z, target, lse = ctx.saved_tensors
-        eps, vocab = ctx.eps, z.shape[-1]  # an unused output's gradient comes as zeros (autograd's default)
-        grad = torch.sub(z, lse[:, None]).exp_().mul_((g_loss + g_lse)[:, None]).sub_((eps / vocab) * g_loss[:, None])
+        p, target = ctx.saved_tensors
+        eps, vocab = ctx.eps, p.shape[-1]  # an unused output's gradient comes as zeros (autograd's default)
+        grad = torch.addcmul((-eps / vocab) * g_loss[:, None], p, (g_loss + g_lse)[:, None])
         return grad.scatter_add_(-1, target[:, None], -(1.0 - eps) * g_loss[:, None]), None, None
 
 
