@@ -142,11 +142,19 @@ def measure(name: str, config: str, options: list, args, device) -> dict:
         "terms": [t.key for t in distiller.terms],
         "cache_KiB_per_sample": sum(cache.entry_bytes(e) for e in entries) / len(entries) / 1024,
         "cache_fields": spec.fields, "cache_online_fusion": spec.online_fusion,
-        "ratios": {"online / (teacher replay + student step)": ms["online step"] / (ms["teacher replay"]
-                                                                                   + ms["student step"]),
-                   "cached / student step": ms["cached step"] / ms["student step"],
-                   "online / student step": ms["online step"] / ms["student step"]},
+        # per repeat, of steps timed in the same rotation, then the median: a drift of the
+        # machine's speed (other tenants, CPU clocks) between repeats cancels out
+        "ratios": {"online / (teacher replay + student step)": _paired(times, lambda t: t["online step"] / (
+                       t["teacher replay"] + t["student step"])),
+                   "cached / student step": _paired(times, lambda t: t["cached step"] / t["student step"]),
+                   "online / student step": _paired(times, lambda t: t["online step"] / t["student step"])},
     }
+
+
+def _paired(times: dict[str, list[float]], ratio) -> float:
+    """The median over repeats of ``ratio`` of one repeat's step times."""
+    repeats = len(times["student step"])
+    return statistics.median(ratio({call: v[r] for call, v in times.items()}) for r in range(repeats))
 
 
 def main() -> None:
@@ -178,8 +186,9 @@ def main() -> None:
         "",
         f"`python benchmarks/distill_cost.py`: batch {args.batch}, {data['device']} ({data['threads']} threads), "
         f"median of interleaved repeats (order rotated each repeat; at least {args.repeats}, and at least "
-        f"{args.min_seconds:g} s a case) in one process, random weights. The cached step reads a float16 "
-        "teacher-output cache (top-32 decoder logits) written for the batch.",
+        f"{args.min_seconds:g} s a case) in one process, random weights; ratios: the median over repeats of "
+        "one repeat's ratio. The cached step reads a float16 teacher-output cache (top-32 decoder logits) "
+        "written for the batch.",
         "",
         "| case | px | repeats | student / teacher M | student step ms | online step | cached step | teacher replay "
         "| online / (replay + student) | cached / student | cache KiB/sample |",
