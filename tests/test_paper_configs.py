@@ -81,3 +81,22 @@ def test_eval_config_builds_the_student_offline(cfg: Path):
     with tokenizer_source(OFFLINE_VOCAB):
         model = task.build_model(config)
     assert type(model).__name__.startswith("Dlip") and not hasattr(model, "dlip_distill")
+
+
+def test_dry_run_writes_one_stand_in_vit_per_shape_and_reuses_it(tmp_path):
+    """A `pretrained` vision source given by URL becomes a random ViT of the config's
+    shape, written once (atomically: runs share the directory) and reused; nothing is
+    left behind in the directory but the file."""
+    import os
+
+    from lavis_dlip.distill.dry_run import STAND_IN_DEPTH, random_init_options
+
+    cfg = str(REPO / "projects" / "dlip" / "pretrain" / "distill_base_to_tiny.yaml")
+    first = random_init_options(cfg, workdir=str(tmp_path))
+    path = next(o.split("=", 1)[1] for o in first if o.startswith("model.init.vision.source="))
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+    state = torch.load(path, weights_only=True)["model"]
+    assert state["pos_embed"].shape == (1, 1 + (224 // 16) ** 2, 384)  # dlip_pretrain_tiny: 224 px, patch 16, 384 wide
+    assert sum(k.endswith("attn.qkv.weight") for k in state) == STAND_IN_DEPTH
+    stamp = os.stat(path).st_mtime_ns
+    assert random_init_options(cfg, workdir=str(tmp_path)) == first and os.stat(path).st_mtime_ns == stamp

@@ -23,10 +23,13 @@ from lavis_dlip.models.tokenizer import tokenizer_source
 
 RANDOM = ("distill.teacher.load_weights=False", "distill.teacher.checkpoint=null")
 STAND_IN_DEPTH = 12  # DeiT's
+# stand-in ViTs are deterministic (seed 0): written once per shape, reused by every dry run
+STAND_INS = os.path.join(os.path.expanduser("~"), ".cache", "lavis_dlip", "stand_ins")
 
 
 def random_init_options(cfg_path: str, options: Sequence[str] = (), workdir: Optional[str] = None) -> list[str]:
-    """``--options`` that replace the downloads of ``model.init`` by random weights."""
+    """``--options`` that replace the downloads of ``model.init`` by random weights
+    (a stand-in ViT file in ``workdir``, default ``STAND_INS``)."""
     from lavis_dlip.models.components import vision_config
     from lavis_dlip.models.stand_ins import timm_vit_checkpoint
 
@@ -38,11 +41,15 @@ def random_init_options(cfg_path: str, options: Sequence[str] = (), workdir: Opt
     vision = init.get("vision")
     if OmegaConf.is_dict(vision) and vision.get("strategy") == "pretrained" and "://" in str(vision.get("source")):
         v = vision_config(cfg.model_cfg)
-        workdir = workdir or tempfile.mkdtemp(prefix="dlip-dry-run-")
-        path = os.path.join(workdir, f"vit_{v['width']}x{STAND_IN_DEPTH}_{vision.get('source_heads')}h.pth")
+        heads = int(vision.get("source_heads") or v["heads"])
+        name = f"vit_{v['width']}x{STAND_IN_DEPTH}_{heads}h_{v['image_size']}px_p{v['patch_size']}.pth"
+        path = os.path.join(workdir or STAND_INS, name)
         if not os.path.isfile(path):
-            timm_vit_checkpoint(path, v["width"], STAND_IN_DEPTH, int(vision.get("source_heads") or v["heads"]),
-                                image_size=v["image_size"], patch_size=v["patch_size"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:  # complete or absent: runs share it
+                part = timm_vit_checkpoint(os.path.join(tmp, name), v["width"], STAND_IN_DEPTH, heads,
+                                           image_size=v["image_size"], patch_size=v["patch_size"])
+                os.replace(part, path)
         opts.append(f"model.init.vision.source={path}")
     return opts
 
