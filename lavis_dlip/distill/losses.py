@@ -68,10 +68,11 @@ class _LseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, z_lse: torch.Tensor, t: torch.Tensor, t_lse: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(z.dtype, torch.float32)  # sums over the vocabulary: never in half
-        pt = torch.softmax(t.to(dtype), dim=-1)
+        t = t.to(dtype)
+        pt = torch.softmax(t, dim=-1)
         ctx.save_for_backward(pt)
         ctx.z_dtype = z.dtype
-        return (pt * (t.to(dtype) - z.to(dtype))).sum(-1) - t_lse.to(dtype) + z_lse.to(dtype)
+        return (pt * (t - z.to(dtype))).sum(-1) - t_lse.to(dtype) + z_lse.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -321,9 +322,9 @@ class LMDistill(LossTerm):
         ls, keep = s.lm_rows()
         if not keep.any():
             return ls.sum() * 0.0
+        lse = s.lm_lse()  # the student's log-partition, when its loss computed it
         if hasattr(t, "lm_topk"):  # read from the teacher-output cache
-            return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature, student_lse=s.lm_lse())
-        lse = s.lm_lse()
+            return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature, student_lse=lse)
         if lse is not None and self.temperature == 1:
             return lse_kl(ls, lse, t.lm_rows(keep)[0], t.lm_lse())
         return soft_kl(ls, t.lm_rows(keep)[0], self.temperature)

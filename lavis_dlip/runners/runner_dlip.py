@@ -479,7 +479,7 @@ class RunnerDlip(RunnerBase):
         ckpt.atomic_save(state, str(first))
         for name in names[1:]:  # the same bytes under another name: written once, stored once
             ckpt.atomic_link(str(first), str(self.output_dir / name))
-        logger.info("saved %s (epoch %d)", ", ".join(names), cur_epoch)
+        logger.info("saved %s in %s (epoch %d)", ", ".join(names), self.output_dir, cur_epoch)
 
     def _reload_best_model(self, model):
         path = self.output_dir / BEST
