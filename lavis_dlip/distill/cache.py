@@ -112,12 +112,14 @@ def _seed(*parts: Any) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Every RNG a LAVIS processor draws from (torchvision: torch; RandAugment:
-    numpy; python's random) seeded for the block, and restored after it."""
+    """Every RNG a LAVIS processor draws from (torchvision: torch's CPU generator;
+    RandAugment: numpy; python's random) seeded for the block, and restored after it.
+    Only the CPU generator: ``torch.manual_seed`` also queues the CUDA generators'
+    seeding with a stack trace, a cost on every sample."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
