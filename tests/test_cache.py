@@ -151,6 +151,49 @@ def test_chunks_round_trip(tmp_path):
             assert torch.equal(x, y) and x.dtype == y.dtype
 
 
+def test_replayed_augmentations_are_the_stored_ones():
+    """Sample i's augmentation k is LAVIS's random train processor seeded from (seed,
+    i, k): drawn again, it is the same crop and flip; another k or seed draws another;
+    epoch e shows augmentation (h(i) + e) mod K; the caller's RNG state is untouched."""
+    import random
+
+    import numpy as np
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from lavis_dlip.distill.cache import ReplayDataset
+
+    process = registry.get_processor_class("blip_image_train").from_config(
+        OmegaConf.create({"image_size": 32, "min_scale": 0.3}))
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+
+    class Images(torch.utils.data.Dataset):  # RandomResizedCrop, flips, RandAugment: torch, numpy and random
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": process(Image.fromarray(np.roll(pixels, i, axis=0)))}
+
+    data = ReplayDataset(Images(), augmentations=3, seed=7)
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    first = [[data.item(i, k)["image"] for k in range(3)] for i in range(3)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+    for i in range(3):
+        assert all(torch.equal(data.item(i, k)["image"], first[i][k]) for k in range(3))
+        assert not torch.equal(first[i][0], first[i][1]) and not torch.equal(first[i][1], first[i][2])
+    assert not torch.equal(ReplayDataset(Images(), 3, seed=8).item(0, 0)["image"], first[0][0])
+    shown = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        item = data[1]
+        assert torch.equal(item["image"], first[1][item["cache_aug"]]) and item["cache_index"] == 1
+        shown.append(item["cache_aug"])
+    assert sorted(shown) == [0, 1, 2]  # each stored augmentation once in K epochs
+
+
 def test_topk_kl_gradient_is_autograds():
     """topk_kl's hand-written backward (one softmax pass) against autograd's on the
     plain expression, and gradcheck in double precision."""
