@@ -51,6 +51,16 @@ def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Pat
     return root / f"{cfg_path.stem}-{key}"
 
 
+def drop_earlier_runs(stage_dir: Path) -> None:
+    """The runner's job directories (``cli.make_job_id``: 14 digits) of a stage's earlier
+    demo runs: each left every epoch's checkpoint (0.1-0.4 GB a stage), and the demo
+    reads only its latest. A teacher's stored checkpoint is a hard link or a copy, so it stays."""
+    if stage_dir.is_dir():
+        for job in stage_dir.iterdir():
+            if job.is_dir() and len(job.name) == 14 and job.name.isdigit():
+                shutil.rmtree(job, ignore_errors=True)
+
+
 def _job_dir(root: Path) -> Path:
     return max((p.parent for p in root.rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
 
@@ -73,6 +83,7 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
         record = json.loads(metrics.read_text())
         return {"checkpoint": ckpt, "test": record["test"], "seconds": 0.0, "cached": True,
                 "trained_s": record.get("seconds")}
+    drop_earlier_runs(output_dir)
     t0 = time.time()
     run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
     seconds = time.time() - t0
@@ -112,6 +123,7 @@ def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[st
 def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> dict:
     from lavis_dlip.cli import run
 
+    drop_earlier_runs(output_dir)
     t0 = time.time()
     metrics = run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
     job = _job_dir(output_dir)

@@ -86,3 +86,27 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
     opts = [f"model.init.teacher={again['checkpoint']}", f"distill.teacher.checkpoint={again['checkpoint']}", *opts]
     cache = demo.build_or_reuse_cache(demo.DEMO_DIR / "distill_vqa.yaml", again["checkpoint"].parent, opts)
     assert cache["cached"] and str(cache["dir"]) == first_cache["dir"] and cache["bytes"] == first_cache["bytes"]
+
+
+def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
+    """Each demo run of a stage leaves a job directory with every epoch's checkpoint:
+    the next run of that stage removes the earlier ones (runner job ids only), and a
+    teacher checkpoint stored by hard link from one of them stays readable."""
+    from lavis_dlip.checkpoint import atomic_link
+    from lavis_dlip.demo import drop_earlier_runs
+
+    stage = tmp_path / "vqa" / "teacher"
+    for job in ("20261126173642", "20261126180000"):
+        (stage / job).mkdir(parents=True)
+        (stage / job / "checkpoint_latest.pth").write_bytes(job.encode())
+    (stage / "notes").mkdir()
+    (stage / "2026112617364").mkdir()  # not a job id (13 digits)
+    (stage / "20261126173643").write_text("a file, not a job directory")
+    kept = tmp_path / "teachers" / "checkpoint.pth"
+    kept.parent.mkdir()
+    atomic_link(str(stage / "20261126180000" / "checkpoint_latest.pth"), str(kept))
+
+    drop_earlier_runs(stage)
+    assert sorted(p.name for p in stage.iterdir()) == ["2026112617364", "20261126173643", "notes"]
+    assert kept.read_bytes() == b"20261126180000"
+    drop_earlier_runs(tmp_path / "absent")  # a stage never run: nothing to do
