@@ -53,7 +53,7 @@ def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Pat
 
 def drop_earlier_runs(stage_dir: Path) -> None:
     """The runner's job directories (``cli.make_job_id``: 14 digits) of a stage's earlier
-    demo runs: each left every epoch's checkpoint (0.1-0.4 GB a stage), and the demo
+    demo runs: each left every epoch's checkpoint (0.07-0.5 GB a stage), and the demo
     reads only its latest. A teacher's stored checkpoint is a hard link or a copy, so it stays."""
     if stage_dir.is_dir():
         for job in stage_dir.iterdir():
