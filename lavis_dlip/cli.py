@@ -42,16 +42,27 @@ def setup_seeds(run_cfg) -> None:
     torch.backends.cudnn.deterministic = True
 
 
+JOB_ID = "%Y%m%d%H%M%S"  # a run's directory under run.output_dir
+
+
 def make_job_id() -> str:
     """Second-resolution job id (LAVIS's ``now()`` has 10-minute resolution, so two runs
     in one window share an output directory), identical on every rank."""
     import torch.distributed as dist
     from lavis.common.dist_utils import is_dist_avail_and_initialized
 
-    job = [time.strftime("%Y%m%d%H%M%S")]
+    job = [time.strftime(JOB_ID)]
     if is_dist_avail_and_initialized():
         dist.broadcast_object_list(job, src=0)
     return job[0]
+
+
+def is_job_id(name: str) -> bool:
+    """Whether ``name`` is a run directory's name as ``make_job_id`` makes it."""
+    try:
+        return time.strftime(JOB_ID, time.strptime(name, JOB_ID)) == name
+    except ValueError:
+        return False
 
 
 def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False) -> dict[str, Any]:

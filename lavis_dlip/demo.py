@@ -52,12 +52,14 @@ def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Pat
 
 
 def drop_earlier_runs(stage_dir: Path) -> None:
-    """The runner's job directories (``cli.make_job_id``: 14 digits) of a stage's earlier
-    demo runs: each left every epoch's checkpoint (0.07-0.5 GB a stage), and the demo
-    reads only its latest. A teacher's stored checkpoint is a hard link or a copy, so it stays."""
+    """The run directories (``cli.is_job_id``) of a stage's earlier demo runs: each left
+    every epoch's checkpoint (0.07-0.5 GB a stage), and the demo reads only its latest.
+    A teacher's stored checkpoint is a hard link or a copy, so it stays."""
+    from lavis_dlip.cli import is_job_id
+
     if stage_dir.is_dir():
         for job in stage_dir.iterdir():
-            if job.is_dir() and len(job.name) == 14 and job.name.isdigit():
+            if job.is_dir() and is_job_id(job.name):
                 shutil.rmtree(job, ignore_errors=True)
 
 

@@ -100,13 +100,14 @@ def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
         (stage / job).mkdir(parents=True)
         (stage / job / "checkpoint_latest.pth").write_bytes(job.encode())
     (stage / "notes").mkdir()
-    (stage / "2026112617364").mkdir()  # not a job id (13 digits)
+    (stage / "2026112617364").mkdir()  # not job ids: 13 digits, a 13th month
+    (stage / "20261326173642").mkdir()
     (stage / "20261126173643").write_text("a file, not a job directory")
     kept = tmp_path / "teachers" / "checkpoint.pth"
     kept.parent.mkdir()
     atomic_link(str(stage / "20261126180000" / "checkpoint_latest.pth"), str(kept))
 
     drop_earlier_runs(stage)
-    assert sorted(p.name for p in stage.iterdir()) == ["2026112617364", "20261126173643", "notes"]
+    assert sorted(p.name for p in stage.iterdir()) == ["2026112617364", "20261126173643", "20261326173642", "notes"]
     assert kept.read_bytes() == b"20261126180000"
     drop_earlier_runs(tmp_path / "absent")  # a stage never run: nothing to do
