@@ -9,12 +9,14 @@ For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student
    the distillation terms read (``python -m lavis_dlip.cache_teacher``), or reuse it;
 3. **distilled**: initialise a student from the teacher (``teacher_reduced``) and
    distill it with DLIP's loss terms, reading the teacher's outputs from the cache;
-4. **not distilled**: train the same student without a teacher; the six students
-   train two at a time (``--parallel``), one CPU thread each, their output in
-   ``<output-dir>/<task>/<run>.log``;
+4. **not distilled**: train the same student without a teacher;
 5. evaluate all three with LAVIS's metrics, time their inference side by side,
    print one table with the time of every stage and plot quality against size
    and latency (``demo.png`` in the output directory).
+
+Stages 1-4 of all tasks run two at a time (``--parallel``), one CPU thread each, a
+stage as soon as what it reads exists (``run_stages``), each one's output in
+``<output-dir>/<task>/<stage>.log``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "dlip" / "demo"
 ENV_CACHE = "LAVIS_DLIP_TEACHER_CACHE"
@@ -101,19 +104,26 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
     return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}
 
 
-def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> dict:
-    """The distillation run's teacher-output cache, kept beside its teacher (keyed by the
-    yaml's model, data and distill sections, the options and the cache format, not its schedule; the
-    cache's own key refuses anything stale)."""
+def cache_dir(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> Path:
+    """Where the distillation run's teacher-output cache is kept: beside its teacher,
+    keyed by the yaml's model, data and distill sections, the options and the cache
+    format, not its schedule (the cache's own key refuses anything stale)."""
     from omegaconf import OmegaConf
 
-    from lavis_dlip.cache_teacher import build_cache
-    from lavis_dlip.distill.cache import VERSION, read_manifest
+    from lavis_dlip.distill.cache import VERSION
 
     raw = OmegaConf.load(cfg_path)
     what = OmegaConf.to_yaml({k: raw.get(k) for k in ("model", "datasets", "distill")})
     key = hashlib.sha256("\n".join([what, *options, f"cache format {VERSION}"]).encode()).hexdigest()[:10]
-    directory = teacher_dir / f"cache-{cfg_path.stem}-{key}"
+    return teacher_dir / f"cache-{cfg_path.stem}-{key}"
+
+
+def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> dict:
+    """The distillation run's teacher-output cache (``cache_dir``), built or reused."""
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.distill.cache import read_manifest
+
+    directory = cache_dir(cfg_path, teacher_dir, options)
     reused = bool((read_manifest(str(directory)) or {}).get("complete"))
     t0 = time.time()
     stats = build_cache(str(cfg_path), [*options, f"distill.cache={directory}"])
@@ -169,31 +179,45 @@ def shown(task: str, metrics: dict) -> str:
     return f"accuracy {metrics['agg_metrics']:.1f}"
 
 
-STUDENT_ORDER = ("caption", "retrieval", "vqa")  # every task of TASKS, longest-training first
+STAGES = ("teacher", "cache", "distilled", "not distilled")  # a stage reads only the stages before it
 
 
-def prepare_task(task: str, data: Path, out: Path, options: Sequence[str]) -> dict:
-    """The task's teacher and teacher-output cache (trained and built, or reused), and
-    its two student runs: ``{"teacher", "cache", "cfgs", "jobs": {name: (cfg, out, options)}}``."""
-    cfgs = {stage: DEMO_DIR / f"{stage}_{task}.yaml" for stage in ("teacher", "distill", "student")}
-    teacher = train_or_reuse_teacher(cfgs["teacher"], data, out / "teacher", options)
-    ckpt = teacher["checkpoint"]
+class Stage(NamedTuple):
+    """One run of the demo: ``fn(*args)`` once the stages named in ``after`` are done."""
+    fn: Callable[..., dict]
+    args: tuple
+    after: tuple[str, ...] = ()
+
+
+def stage_cfgs(task: str) -> dict[str, Path]:
+    return {stage: DEMO_DIR / f"{stage}_{task}.yaml" for stage in ("teacher", "distill", "student")}
+
+
+def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dict[str, Stage]:
+    """A task's four stages. Where each writes is known before it runs (the teacher's and
+    the cache's directories are keyed by their inputs), so none waits to be planned."""
+    cfgs = stage_cfgs(task)
+    teacher_dir = teacher_cache(cfgs["teacher"], data, options)
+    ckpt = teacher_dir / "checkpoint.pth"
     distill_opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options]
-    cache = build_or_reuse_cache(cfgs["distill"], ckpt.parent, distill_opts)
-    jobs = {"distilled": (cfgs["distill"], out / "distilled", [*distill_opts, f"distill.cache={cache['dir']}"]),
-            "not distilled": (cfgs["student"], out / "not_distilled", list(options))}
-    return {"teacher": teacher, "cache": cache, "cfgs": cfgs, "jobs": jobs}
+    cache = cache_dir(cfgs["distill"], teacher_dir, distill_opts)
+    return {
+        "teacher": Stage(train_or_reuse_teacher, (cfgs["teacher"], data, out / "teacher", list(options))),
+        "cache": Stage(build_or_reuse_cache, (cfgs["distill"], teacher_dir, distill_opts), ("teacher",)),
+        "distilled": Stage(train_student, (cfgs["distill"], out / "distilled",
+                                           [*distill_opts, f"distill.cache={cache}"]), ("cache",)),
+        "not distilled": Stage(train_student, (cfgs["student"], out / "not_distilled", list(options))),
+    }
 
 
-def _one_job(cfg_path: Path, output_dir: Path, options: Sequence[str], threads: int) -> dict:
-    """A student run in a pool process: its own share of the CPU threads, its console
-    output in ``<output_dir>.log`` (two runs' progress bars would interleave): the
-    process's stdout and stderr, at the file descriptors (C code) and in Python
-    (``sys.stdout``, ``sys.stderr`` and the logging handlers that write to them)."""
+def _in_worker(stage: Stage, log: Path, threads: int) -> dict:
+    """A stage in a pool process: its own share of the CPU threads, its console output
+    in ``log`` (two runs' progress bars would interleave): the process's stdout and
+    stderr, at the file descriptors (C code) and in Python (``sys.stdout``,
+    ``sys.stderr`` and the logging handlers that write to them)."""
     import torch
 
     torch.set_num_threads(threads)
-    log = output_dir.parent / f"{output_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -206,52 +230,95 @@ def _one_job(cfg_path: Path, output_dir: Path, options: Sequence[str], threads: 
         sys.stdout = sys.stderr = f
         previous = [h.setStream(f) for h in handlers]
         try:
-            return {**train_student(cfg_path, output_dir, options), "log": str(log)}
+            return {**stage.fn(*stage.args), "log": str(log)}
+        except BaseException:
+            traceback.print_exc()  # into the log, where the stage's own output ends
+            raise
         finally:
             for handler, stream in zip(handlers, previous):
                 handler.setStream(stream)
+            for handler in logging.getLogger().handlers:  # made by the stage (LAVIS's setup_logger): the
+                if type(handler) is logging.StreamHandler and handler.stream is f:  # next stage here finds
+                    handler.setStream(saved_streams[1])  # them on the console, as those made before
             sys.stdout, sys.stderr = saved_streams
             for fd, saved in zip((1, 2), saved_fds):
                 os.dup2(saved, fd)
                 os.close(saved)
 
 
-def train_students(jobs: dict[tuple[str, str], tuple], parallel: int) -> dict[tuple[str, str], dict]:
-    """Every student run, ``parallel`` at a time, the CPU threads shared among them.
-    The demo's students are small: on 2 cores two single-threaded runs finish sooner
-    than one two-threaded run after the other (measured: 108 s against 139 s for the
-    two captioning students, 2 epochs)."""
-    import torch
+def _done_line(task: str, name: str, result: dict) -> str:
+    if name == "cache":
+        what = f"{result['entries']} entries, {result['bytes'] / 2**20:.1f} MiB"
+    else:
+        what = shown(task, result["test"])
+    reused = ", reused" if result.get("cached") else ""
+    log = f"; log {result['log']}" if "log" in result else ""
+    return f"{task} {name}: {what} ({result['seconds'] / 60:.1f} min{reused}{log})"
 
-    if parallel <= 1:
-        return {key: train_student(*job) for key, job in jobs.items()}
+
+def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str], Path],
+               parallel: int) -> dict[tuple[str, str], dict]:
+    """Every ``(task, stage)``, each as soon as the stages of its task that it reads are
+    done; among those ready, the first in ``stages``' order. ``parallel`` run at once in
+    pool processes with an equal share of the CPU threads each, their console output in
+    ``logs``; 1: one after the other in this process. On 2 cores two single-threaded runs
+    finish sooner than one two-threaded run after the other (measured: the retrieval
+    teacher's step took 2.23-2.36 s beside another run, 1.35 s alone with 2 threads; the
+    two captioning students 108 s against 139 s), so the teachers train beside the
+    students that need none."""
     import concurrent.futures
     import multiprocessing
 
+    import torch
+
+    for (task, name), stage in stages.items():
+        missing = [a for a in stage.after if (task, a) not in stages]
+        if missing:
+            raise ValueError(f"demo stage '{task} {name}' reads {missing}, which no stage makes")
+    waiting, running, done = dict(stages), {}, {}
+
+    def ready() -> list[tuple[str, str]]:
+        return [key for key, stage in waiting.items() if all((key[0], a) in done for a in stage.after)]
+
+    if parallel <= 1:
+        while waiting:
+            key = ready()[0]
+            stage = waiting.pop(key)
+            done[key] = stage.fn(*stage.args)
+            print(_done_line(*key, done[key]), flush=True)
+        return done
     threads = max(1, torch.get_num_threads() // parallel)
-    logger.info("training %d students, %d at a time with %d thread(s) each; their output goes to <run>.log",
-                len(jobs), parallel, threads)
+    logger.info("running %d stages, %d at a time with %d thread(s) each; their output goes to <stage>.log",
+                len(stages), parallel, threads)
     # fork: the workers start with lavis_dlip imported (a fresh interpreter takes ~8 s to import it)
     pool = concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("fork"))
-    with pool:
-        futures = {pool.submit(_one_job, *job, threads): key for key, job in jobs.items()}
-        done = {}
-        for future in concurrent.futures.as_completed(futures):
-            task, name = futures[future]
-            done[(task, name)] = result = future.result()
-            print(f"{task} {name}: {shown(task, result['test'])} ({result['seconds'] / 60:.1f} min; "
-                  f"log {result['log']})", flush=True)
-    return {key: done[key] for key in jobs}
+    try:
+        while waiting or running:
+            for key in ready()[:parallel - len(running)]:
+                running[pool.submit(_in_worker, waiting.pop(key), logs[key], threads)] = key
+            if not running:
+                raise ValueError(f"demo stages that wait on each other: {sorted(waiting)}")
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                key = running.pop(future)
+                try:
+                    done[key] = future.result()
+                except Exception as exc:
+                    raise RuntimeError(f"demo stage '{' '.join(key)}' failed; its output: {logs[key]}") from exc
+                print(_done_line(*key, done[key]), flush=True)
+    finally:  # on a failure, start nothing more; the stage still running finishes its own run
+        pool.shutdown(wait=not waiting and not running, cancel_futures=True)
+    return done
 
 
-def task_rows(task: str, prep: dict, students: dict[str, dict], repeats: int) -> list[dict]:
+def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
     """The table's rows of one task: scores, and parameters and latency measured side by side."""
     import torch
 
-    cfgs = prep["cfgs"]
-    stages = {"teacher": prep["teacher"], **students}
-    torch.manual_seed(0)
+    cfgs = stage_cfgs(task)
     stage_cfg = {"teacher": cfgs["teacher"], "distilled": cfgs["distill"], "not distilled": cfgs["student"]}
+    stages = {name: results[name] for name in stage_cfg}
+    torch.manual_seed(0)
     cost = timings({name: load_trained(stage_cfg[name], stage["checkpoint"]) for name, stage in stages.items()},
                    repeats)
     teacher_score = score(task, stages["teacher"]["test"])
@@ -266,33 +333,36 @@ def task_rows(task: str, prep: dict, students: dict[str, dict], repeats: int) ->
             "retained": 100.0 * value / teacher_score if teacher_score else None,
             "seconds": stage["seconds"], "cached": stage.get("cached", False), "trained_s": stage.get("trained_s"),
         })
-    rows[1]["teacher_cache"] = {k: str(v) if k == "dir" else v for k, v in prep["cache"].items()}
+    rows[1]["teacher_cache"] = {k: str(v) if k == "dir" else v for k, v in results["cache"].items()}
     return rows
 
 
 def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, data_preset: str = "demo",
              tasks: Sequence[str] = tuple(TASKS), parallel: int = 2) -> dict:
-    """Teacher, distilled and not-distilled students per task; ``options`` apply to every
-    stage. Teachers and caches are made one after the other with all CPU threads, then
-    the students train ``parallel`` at a time, then latency is timed alone."""
+    """Teacher, teacher-output cache, distilled and not-distilled students per task
+    (``options`` apply to every stage), ``parallel`` stages at a time (``run_stages``);
+    then latency is timed alone."""
     from lavis_dlip.datasets.demo_data import ensure
 
     start = time.time()
     data = ensure(data_preset)
     out = Path(output_dir).resolve()
-    preps = {}
+    per_task = {}
     for task in tasks:
         opts = list(options)
         if data_preset != "demo":
             opts.insert(0, f"datasets.{TASKS[task][0]}.base_dir={data}")
-        preps[task] = prepare_task(task, data, out / task, opts)
-    jobs = {(task, name): preps[task]["jobs"][name]
-            for task in STUDENT_ORDER if task in tasks for name in ("distilled", "not distilled")}
-    students = train_students(jobs, parallel)
+        per_task[task] = task_stages(task, data, out / task, opts)
+    # the order among ready stages: the teachers (the retrieval teacher, the longest, first), the
+    # caches, then a task's two students together (the retrieval students, the longest, first)
+    order = [(task, name) for name in STAGES[:2] for task in tasks]
+    order += [(task, name) for task in tasks for name in STAGES[2:]]
+    stages = {(task, name): per_task[task][name] for task, name in order}
+    logs = {(task, name): out / task / f"{name.replace(' ', '_')}.log" for task, name in stages}
+    results = run_stages(stages, logs, parallel)
     rows = []
     for task in tasks:
-        rows += task_rows(task, preps[task], {name: students[(task, name)] for name in ("distilled", "not distilled")},
-                          repeats)
+        rows += task_rows(task, {name: results[(task, name)] for name in STAGES}, repeats)
     result = {"rows": rows, "total_s": time.time() - start, "data": str(data), "parallel": parallel}
     result["plot"] = str(plot(result, out / "demo.png"))
     return result
@@ -346,7 +416,7 @@ def print_table(result: dict) -> None:
     print("\nSpeed-up: inference latency against the teacher (retrieval: image + text encoding and ITM "
           "re-ranking of 16, batch 64; captioning: image encoding and beam-3 generation of 20 tokens; VQA: encoding "
           "and beam-3 generation of 10-token answers), CPU, measured side by side. "
-          f"Students' time: their own run's wall time, {result.get('parallel', 1)} student(s) training at once. "
+          f"Time: each stage's own wall time, {result.get('parallel', 1)} stage(s) running at once. "
           f"Total wall time: {result['total_s'] / 60:.1f} min.")
     print("\nTeacher-output caches (what the distilled students trained from):\n")
     print("| task | entries | size | per sample | build time |")
@@ -374,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="key=value overrides for every stage (the teacher is cached per options)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     parser.add_argument("--parallel", type=int, default=2,
-                        help="students trained at once, sharing the CPU threads (1: one after the other)")
+                        help="stages run at once, sharing the CPU threads (1: one after the other)")
     parser.add_argument("--json", help="also write the table as JSON to this file")
     args = parser.parse_args(argv)
 

@@ -39,11 +39,12 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
             expected = 100 * rows[name]["score"] / teacher_score if teacher_score else None
             assert rows[name]["retained"] == (None if expected is None else pytest.approx(expected))
             assert rows[name]["score"] == pytest.approx(demo.score(task, rows[name]["test"]))
-    assert first["parallel"] == 2  # students trained two at a time, each run's console output in its own log
+    assert first["parallel"] == 2  # stages ran two at a time, each one's console output in its own log
     for task in demo.TASKS:
-        for run in ("distilled", "not_distilled"):
+        for run in ("teacher", "distilled", "not_distilled"):
             # LAVIS prints its evaluation's progress (logging records go to pytest's handler here)
             assert "Evaluation" in (tmp_path / "out" / task / f"{run}.log").read_text(), (task, run)
+        assert "teacher cache" in (tmp_path / "out" / task / "cache.log").read_text(), task
     assert len(list((tmp_path / "teachers").glob("*/checkpoint.pth"))) == len(demo.TASKS)
     for task in demo.TASKS:  # the distilled student trained from a cache built beside its teacher
         cache = next(r for r in first["rows"] if r["task"] == task and r["model"] == "distilled")["teacher_cache"]
@@ -111,3 +112,98 @@ def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
     assert sorted(p.name for p in stage.iterdir()) == ["2026112617364", "20261126173643", "20261326173642", "notes"]
     assert kept.read_bytes() == b"20261126180000"
     drop_earlier_runs(tmp_path / "absent")  # a stage never run: nothing to do
+
+
+def _stage(events: str, name: str, wait_for: str = "", fail: bool = False) -> dict:
+    """A stand-in demo stage (module level: pool processes unpickle it by name): notes
+    its start and end in ``events``; ``wait_for``: returns only once that stage started."""
+    import os
+    import time
+
+    def note(what: str) -> None:
+        with open(events, "a") as f:  # one short append: whole lines from both processes
+            f.write(f"{what} {name}\n")
+
+    note("start")
+    if fail:
+        raise OSError(f"{name} failed")
+    deadline = time.time() + 120
+    while wait_for and f"start {wait_for}\n" not in Path(events).read_text():
+        assert time.time() < deadline, f"{name}: '{wait_for}' never ran beside it"
+        time.sleep(0.05)
+    note("end")
+    return {"seconds": 0.0, "test": {"agg_metrics": 1.0}, "cached": False, "entries": 1, "bytes": 1, "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_demo_stages_start_once_what_they_read_is_done(tmp_path, parallel, capsys):
+    """``run_stages``: a stage starts only after the stages of its task that it reads
+    have ended, whatever their order; with 2 at a time, two ready stages run side by
+    side (``a teacher`` returns only once ``b not distilled`` has started)."""
+    from lavis_dlip.demo import Stage, run_stages
+
+    events = str(tmp_path / "events")
+    stages = {
+        ("a", "distilled"): Stage(_stage, (events, "a distilled"), ("cache",)),
+        ("a", "teacher"): Stage(_stage, (events, "a teacher", "b not distilled" if parallel == 2 else "")),
+        ("b", "teacher"): Stage(_stage, (events, "b teacher")),
+        ("a", "cache"): Stage(_stage, (events, "a cache"), ("teacher",)),
+        ("b", "not distilled"): Stage(_stage, (events, "b not distilled")),
+    }
+    logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
+    done = run_stages(stages, logs, parallel)
+    assert set(done) == set(stages)
+    lines = Path(events).read_text().splitlines()
+    assert sorted(lines) == sorted(f"{e} {' '.join(k)}" for k in stages for e in ("start", "end"))
+    for first, then in (("a teacher", "a cache"), ("a cache", "a distilled")):
+        assert lines.index(f"end {first}") < lines.index(f"start {then}"), lines
+    printed = capsys.readouterr().out
+    assert "a cache: 1 entries, 0.0 MiB (0.0 min" in printed and "b teacher: accuracy 1.0" in printed
+    if parallel == 2:  # pool processes, each one's output in its log
+        assert all(logs[key].is_file() and done[key]["log"] == str(logs[key]) for key in stages)
+        assert {r["pid"] for r in done.values()}.isdisjoint({__import__("os").getpid()})
+    else:
+        assert not any(log.exists() for log in logs.values())
+
+
+def test_a_failed_demo_stage_stops_what_reads_it_and_names_its_log(tmp_path):
+    from lavis_dlip.demo import Stage, run_stages
+
+    events = str(tmp_path / "events")
+    stages = {("a", "teacher"): Stage(_stage, (events, "a teacher", "", True)),
+              ("a", "cache"): Stage(_stage, (events, "a cache"), ("teacher",))}
+    logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
+    with pytest.raises(RuntimeError, match="demo stage 'a teacher' failed; its output: .*a teacher.log"):
+        run_stages(stages, logs, 2)
+    assert "a cache" not in Path(events).read_text()
+    assert "OSError: a teacher failed" in logs[("a", "teacher")].read_text()
+    with pytest.raises(ValueError, match="'a distilled' reads \\['cache'\\], which no stage makes"):
+        run_stages({("a", "distilled"): Stage(_stage, (events, "x"), ("cache",))}, logs, 1)
+
+
+def _logging_stage(name: str) -> dict:
+    """A stage that logs as LAVIS's runs do: ``setup_logger`` (``logging.basicConfig``)
+    adds a console handler once per process, on the stream of that moment."""
+    import logging
+
+    root = logging.getLogger()
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        root.addHandler(logging.StreamHandler())
+    root.warning("logged by %s", name)
+    return {"seconds": 0.0, "test": {"agg_metrics": 1.0}, "entries": 1, "bytes": 1}
+
+
+def test_each_demo_stage_logs_into_its_own_log(tmp_path):
+    """Three stages in one chain on two pool processes: one process runs two of them,
+    and the handler the first made (on its log, closed since) writes the second's
+    records into the second's log."""
+    from lavis_dlip.demo import Stage, run_stages
+
+    stages = {("a", "teacher"): Stage(_logging_stage, ("a teacher",)),
+              ("a", "cache"): Stage(_logging_stage, ("a cache",), ("teacher",)),
+              ("a", "distilled"): Stage(_logging_stage, ("a distilled",), ("cache",))}
+    logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
+    run_stages(stages, logs, 2)
+    for key, log in logs.items():
+        text = log.read_text()
+        assert f"logged by {' '.join(key)}" in text and "Logging error" not in text, (key, text)
