@@ -1,7 +1,9 @@
 """Training cost of distillation, measured side by side in one process.
 
 Builds each distillation config's student and teacher with random weights (costs
-do not depend on them; nothing is downloaded) and times, interleaved, on one batch:
+do not depend on them; nothing is downloaded) and times, interleaved, on one batch
+(a demo config's: the demo's own first training texts, whose lengths set the text
+passes' cost; the paper config's: short COCO-like captions):
 
 * ``student step``: the student's own LAVIS forward + backward (training without a teacher);
 * ``online step``: the same step with every configured loss term: capture hooks,
@@ -22,6 +24,7 @@ Goals (issue 11): online <= teacher replay + student step + 10%; cached <= 1.15 
 student step. Writes docs/benchmarks/distill_cost.md (and .json).
 
     python benchmarks/distill_cost.py [--cases NAME ...] [--batch N] [--repeats 4] [--min-seconds 60] [--device cpu]
+                                       [--threads N]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks" / "distill_cost"
@@ -45,14 +49,28 @@ CAPTIONS = ["a man riding a bike down a city street", "two dogs playing with a b
 DEMO = REPO / "projects/dlip/demo"
 PAPER = str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml")
 PAPER_BATCH = 8  # a CPU-sized batch: a step of BLIP-base -> tiny at 224 px takes seconds
-CASES = {  # name -> (config, options that change what is measured, options for a random stand-in teacher, batch)
-    "paper": (PAPER, [], [], PAPER_BATCH),
+CASES = {  # name -> (config, options that change what is measured, options for a random stand-in teacher, batch,
+    #          the demo task whose training texts the batch holds; None: CAPTIONS)
+    "paper": (PAPER, [], [], PAPER_BATCH, None),
     # its itm_kd on the teacher's mined negatives, which a cache stores: no teacher runs
-    "paper, itm_kd on mined pairs": (PAPER, ["distill.terms.4={name: itm_kd, pairs: mined}"], [], PAPER_BATCH),
+    "paper, itm_kd on mined pairs": (PAPER, ["distill.terms.4={name: itm_kd, pairs: mined}"], [], PAPER_BATCH, None),
     **{f"demo {task}": (str(DEMO / f"distill_{task}.yaml"), [], [
-        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"], None)
+        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"], None, task)
        for task in ("retrieval", "caption", "vqa")},
 }
+
+
+def texts(task: Optional[str], batch: int) -> dict:
+    """The batch's texts: the demo's own first training records for a demo config (their
+    lengths set what the text passes cost: 6-31 tokens), else COCO-like CAPTIONS."""
+    if task is None:
+        return {"text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], "answer": ["red"] * batch}
+    from lavis_dlip.datasets.demo_data import ensure
+
+    records = json.loads((ensure("demo") / f"{task}_train.json").read_text())[:batch]
+    if task == "vqa":  # VQA reads text_input as the questions, and one answer each
+        return {"text_input": [r["question"] for r in records], "answer": [r["answer"][0] for r in records]}
+    return {"text_input": [r["caption"] for r in records], "answer": ["red"] * batch}
 
 
 def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
@@ -65,7 +83,7 @@ def write_cache(directory: str, spec, entries: list, temp, key: dict) -> None:
     Path(directory, cache.MANIFEST).write_text(json.dumps(manifest))
 
 
-def measure(name: str, config: str, changes: list, stand_in: list, batch, args, device) -> dict:
+def measure(name: str, config: str, changes: list, stand_in: list, batch, texts_of, args, device) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -81,12 +99,10 @@ def measure(name: str, config: str, changes: list, stand_in: list, batch, args, 
     teacher, distiller = task.teacher.to(device), student.dlip_distill
     student.to(device).train()
     size = student.visual_encoder.patch_embed.img_size[0]
-    samples = {"image": torch.randn(batch, 3, size, size, device=device),
-               "text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)],
+    samples = {"image": torch.randn(batch, 3, size, size, device=device), **texts(texts_of, batch),
                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1,
                "image_id": torch.arange(batch),  # retrieval's positives
-               # VQA reads text_input as the questions and one answer each
-               "answer": ["red"] * batch, "weight": torch.ones(batch, device=device),
+               "weight": torch.ones(batch, device=device),
                "n_answers": torch.ones(batch, dtype=torch.long, device=device),
                "cache_index": torch.arange(batch), "cache_aug": torch.zeros(batch, dtype=torch.long)}
 
@@ -176,6 +192,8 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=60.0, help="repeat a case for at least this long")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: torch's; the demo trains each stage on 1)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,6 +203,9 @@ def main() -> None:
     import lavis_dlip  # noqa: F401
 
     from lavis_dlip.runners.runner_dlip import keep_freed_memory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory({}, device)  # as training runs do on CPU
