@@ -222,24 +222,23 @@ def _in_worker(stage: Stage, log: Path, threads: int) -> dict:
     sys.stdout.flush()
     sys.stderr.flush()
     saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
-    handlers = [h for h in logging.getLogger().handlers
-                if type(h) is logging.StreamHandler and h.stream in saved_streams]
+    root = logging.getLogger()
+    console = {h: h.stream for h in root.handlers if type(h) is logging.StreamHandler and h.stream in saved_streams}
     with open(log, "w", buffering=1) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         sys.stdout = sys.stderr = f
-        previous = [h.setStream(f) for h in handlers]
+        for handler in console:
+            handler.setStream(f)
         try:
             return {**stage.fn(*stage.args), "log": str(log)}
         except BaseException:
             traceback.print_exc()  # into the log, where the stage's own output ends
             raise
-        finally:
-            for handler, stream in zip(handlers, previous):
-                handler.setStream(stream)
-            for handler in logging.getLogger().handlers:  # made by the stage (LAVIS's setup_logger): the
-                if type(handler) is logging.StreamHandler and handler.stream is f:  # next stage here finds
-                    handler.setStream(saved_streams[1])  # them on the console, as those made before
+        finally:  # every handler on the log back to the console, also those the stage made (LAVIS's
+            for handler in root.handlers:  # setup_logger): the next stage here redirects them again
+                if type(handler) is logging.StreamHandler and handler.stream is f:
+                    handler.setStream(console.get(handler, saved_streams[1]))
             sys.stdout, sys.stderr = saved_streams
             for fd, saved in zip((1, 2), saved_fds):
                 os.dup2(saved, fd)
