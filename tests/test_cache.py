@@ -222,7 +222,7 @@ def test_topk_kl_gradient_is_autograds():
     lse = torch.logsumexp(teacher, -1)
     results = []
     for shared in (False, True):
-        ce, student_lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+        ce, student_lse, _ = SmoothedCrossEntropy.apply(z, y, 0.1)
         kl = topk_kl(z, top.values, top.indices, lse, 1.0, student_lse=student_lse if shared else None)
         results.append((float(ce.sum() + kl), torch.autograd.grad(ce.sum() + kl, z)[0]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-9)
@@ -237,18 +237,20 @@ def test_smoothed_cross_entropy_is_pytorchs_and_its_gradient_autograds():
     torch.manual_seed(0)
     z = (torch.randn(5, 30, dtype=torch.float64) * 2).requires_grad_()
     y = torch.randint(0, 30, (5,))
-    loss, lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+    loss, lse, probs = SmoothedCrossEntropy.apply(z, y, 0.1)
     torch.testing.assert_close(loss, F.cross_entropy(z, y, reduction="none", label_smoothing=0.1))
     torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(probs, torch.softmax(z, -1))
+    assert not probs.requires_grad  # a target for lm_kd, not a path for gradients
     w = torch.randn(5, dtype=torch.float64)  # both outputs used, with different weights
-    assert torch.autograd.gradcheck(lambda x: tuple(SmoothedCrossEntropy.apply(x, y, 0.1)), (z,))
+    assert torch.autograd.gradcheck(lambda x: SmoothedCrossEntropy.apply(x, y, 0.1)[:2], (z,))
     (g,) = torch.autograd.grad((loss * w).sum() + lse.sum(), z)
     (want,) = torch.autograd.grad((F.cross_entropy(z, y, reduction="none", label_smoothing=0.1) * w).sum()
                                   + torch.logsumexp(z, -1).sum(), z)
     torch.testing.assert_close(g, want)
     # far-apart logits (the target's probability underflows in float32): finite and still PyTorch's
     wide = torch.tensor([[80.0, 0.0, -90.0], [0.0, 0.0, 0.0]])
-    loss, lse = SmoothedCrossEntropy.apply(wide, torch.tensor([2, 1]), 0.1)
+    loss, lse, _ = SmoothedCrossEntropy.apply(wide, torch.tensor([2, 1]), 0.1)
     torch.testing.assert_close(loss, F.cross_entropy(wide, torch.tensor([2, 1]), reduction="none", label_smoothing=0.1))
     torch.testing.assert_close(lse, torch.logsumexp(wide, -1))
 

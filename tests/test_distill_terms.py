@@ -70,20 +70,25 @@ def test_soft_kl_known_values():
 
 def test_lm_kd_from_the_students_own_log_partition_is_soft_kl():
     """Online lm_kd at T = 1 reads the student's log-partition from its loss
-    (SmoothedCrossEntropy): the same value and the same gradient as soft_kl."""
+    (SmoothedCrossEntropy), and the teacher's log-partition and softmax from its own:
+    the same value and the same gradient as soft_kl."""
     from lavis_dlip.distill.losses import lse_kl
     from lavis_dlip.models.components import SmoothedCrossEntropy
 
     torch.manual_seed(0)
     z = (torch.randn(6, 50, dtype=torch.float64) * 3).requires_grad_()
     teacher, y = torch.randn(6, 50, dtype=torch.float64) * 3, torch.randint(0, 50, (6,))
+    with torch.no_grad():
+        _, t_lse, t_probs = SmoothedCrossEntropy.apply(teacher, y, 0.1)
     results = []
-    for way in ("soft_kl", "lse_kl", "both losses' lse"):
-        ce, lse = SmoothedCrossEntropy.apply(z, y, 0.1)
+    for way in ("soft_kl", "lse_kl", "both losses' lse", "both losses' lse and the teacher's softmax"):
+        ce, lse, _ = SmoothedCrossEntropy.apply(z, y, 0.1)
         if way == "soft_kl":
             kl = soft_kl(z, teacher)
+        elif way == "lse_kl":
+            kl = lse_kl(z, lse, teacher)
         else:
-            kl = lse_kl(z, lse, teacher, torch.logsumexp(teacher, -1) if way == "both losses' lse" else None)
+            kl = lse_kl(z, lse, teacher, t_lse, t_probs if "softmax" in way else None)
         results.append((float(kl), torch.autograd.grad(ce.sum() + kl, z)[0]))
     assert results[0][0] > 0.1
     for value, grad in results[1:]:
@@ -127,6 +132,7 @@ def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     same = SimpleNamespace(itc_logits=logits, itm_logits=lambda pairs: logits[:, :2],
                            lm_rows=lambda keep=None: (logits, torch.ones(1, 3, dtype=torch.bool)),
                            lm_lse=lambda: torch.logsumexp(logits, -1),  # as a DLIP decoder's loss gives it
+                           lm_probs=lambda: torch.softmax(logits, -1),  # and its softmax
                            image_feat=torch.randn(3, 32, generator=g))
     for term in (itc, itm, lm):
         assert term(same, same).item() == pytest.approx(0.0, abs=1e-6), term.key
@@ -137,7 +143,8 @@ def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     t = SimpleNamespace(itc_logits=torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]),
                         itm_logits=lambda pairs: torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]]),
                         lm_rows=lambda keep: (torch.tensor([[math.log(3.0), 0.0]]), keep),  # the row keep selects
-                        lm_lse=lambda: torch.tensor([math.log(4.0)]))
+                        lm_lse=lambda: torch.tensor([math.log(4.0)]),
+                        lm_probs=lambda: torch.tensor([[0.75, 0.25]]))  # its loss's softmax
     known = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     for term in (itc, itm, lm):
         assert term(s, t).item() == pytest.approx(known, abs=1e-6), term.key

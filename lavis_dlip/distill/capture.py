@@ -50,6 +50,7 @@ class Call:
     logits: Optional[torch.Tensor] = None  # decoder only: [B, L, V]
     scored_logits: Optional[torch.Tensor] = None  # decoder only, training: [N, V] at labels[:, 1:] != -100
     scored_lse: Optional[torch.Tensor] = None  # and their rows' log-partition [N]
+    scored_probs: Optional[torch.Tensor] = None  # and their softmax [N, V] (no gradient)
     layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -171,6 +172,7 @@ class Capture:
                 call.logits = out if torch.is_tensor(out) else out.logits
                 call.scored_logits = getattr(out, "scored_logits", None)  # ScoredLMHeadDecoder
                 call.scored_lse = getattr(out, "scored_lse", None)
+                call.scored_probs = getattr(out, "scored_probs", None)
 
         def on_hidden(_m, _args, out):
             call = self._current("decoder")

@@ -60,16 +60,18 @@ def prob_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: Opti
 
 class _LseKL(torch.autograd.Function):
     """Per row, KL(softmax(t) || softmax(z)) = p_t . (t - z) - lse(t) + lse(z), from the
-    student's log-partition ``lse(z)`` as its loss computed it (differentiable) and the
-    teacher's. The gradient to ``z`` is ``-p_t g``: one pass over the vocabulary, which
-    autograd adds to the loss's own; the softmax part arrives through ``lse(z)``, in the
-    pass the loss makes anyway. Autograd's ``soft_kl`` makes about ten passes."""
+    student's log-partition ``lse(z)`` as its loss computed it (differentiable), the
+    teacher's, and the teacher's softmax ``p_t`` when its loss computed it (else here).
+    The gradient to ``z`` is ``-p_t g``: one pass over the vocabulary, which autograd
+    adds to the loss's own; the softmax part arrives through ``lse(z)``, in the pass the
+    loss makes anyway. Autograd's ``soft_kl`` makes about ten passes."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, z_lse: torch.Tensor, t: torch.Tensor, t_lse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, z_lse: torch.Tensor, t: torch.Tensor, t_lse: torch.Tensor,
+                pt: Optional[torch.Tensor]) -> torch.Tensor:
         dtype = torch.promote_types(z.dtype, torch.float32)  # sums over the vocabulary: never in half
         t = t.to(dtype)
-        pt = torch.softmax(t, dim=-1)
+        pt = torch.softmax(t, dim=-1) if pt is None else pt.to(dtype)
         ctx.save_for_backward(pt)
         ctx.z_dtype = z.dtype
         return (pt * (t - z.to(dtype))).sum(-1) - t_lse.to(dtype) + z_lse.to(dtype)
@@ -77,16 +79,19 @@ class _LseKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pt,) = ctx.saved_tensors
-        return (pt * -grad[:, None]).to(ctx.z_dtype), grad, None, None
+        return (pt * -grad[:, None]).to(ctx.z_dtype), grad, None, None, None
 
 
 def lse_kl(student_logits: torch.Tensor, student_lse: torch.Tensor, teacher_logits: torch.Tensor,
-           teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``soft_kl`` at T = 1, mean over rows, from the log-partitions the two models'
-    losses computed (``teacher_lse`` None: computed here); see ``_LseKL``."""
+           teacher_lse: Optional[torch.Tensor] = None, teacher_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``soft_kl`` at T = 1, mean over rows, from the log-partitions (and the teacher's
+    softmax) the two models' losses computed (None: computed here); see ``_LseKL``."""
     if teacher_lse is None:
         teacher_lse = torch.logsumexp(teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)), -1)
-    return _LseKL.apply(student_logits, student_lse, teacher_logits.detach(), teacher_lse.detach()).mean()
+    if teacher_probs is not None:
+        teacher_probs = teacher_probs.detach()
+    return _LseKL.apply(student_logits, student_lse, teacher_logits.detach(), teacher_lse.detach(),
+                        teacher_probs).mean()
 
 
 class _SparseGather(torch.autograd.Function):
@@ -326,7 +331,7 @@ class LMDistill(LossTerm):
         if hasattr(t, "lm_topk"):  # read from the teacher-output cache
             return topk_kl(ls, *t.lm_topk(self.temperature), self.temperature, student_lse=lse)
         if lse is not None and self.temperature == 1:
-            return lse_kl(ls, lse, t.lm_rows(keep)[0], t.lm_lse())
+            return lse_kl(ls, lse, t.lm_rows(keep)[0], t.lm_lse(), t.lm_probs())
         return soft_kl(ls, t.lm_rows(keep)[0], self.temperature)
 
 

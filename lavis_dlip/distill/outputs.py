@@ -180,6 +180,10 @@ class BlipOutputs:
         it (``ScoredLMHeadDecoder``); else None."""
         return self.call("decoder").scored_lse
 
+    def lm_probs(self) -> Optional[torch.Tensor]:
+        """The softmax of each ``lm_rows()`` row, when the decoder's loss computed it; else None."""
+        return self.call("decoder").scored_probs
+
     # -- per-layer
     def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A captured per-layer tensor and its token mask (None: no padding)."""

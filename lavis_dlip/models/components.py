@@ -207,13 +207,16 @@ class ScoredLMOutput(CausalLMOutputWithCrossAttentions):
     scored_logits: Optional[torch.FloatTensor] = None
     scored_mask: Optional[torch.BoolTensor] = None
     scored_lse: Optional[torch.FloatTensor] = None  # [N] log-partition of each row, differentiable
+    scored_probs: Optional[torch.FloatTensor] = None  # [N, V] softmax of each row, no gradient
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy with label smoothing ``eps`` (PyTorch's definition), and
-    each row's log-partition ``lse`` as a second, differentiable output, so that
-    ``lm_kd`` reuses it instead of another pass over the vocabulary. Forward keeps the
-    softmax for backward, which is then one pass without ``exp`` for both outputs:
+    """Per-row cross-entropy with label smoothing ``eps`` (PyTorch's definition), each
+    row's log-partition ``lse`` as a second, differentiable output, and the softmax
+    as a third, without gradient: ``lm_kd`` reuses them instead of more passes over
+    the vocabulary (a teacher's softmax is its target distribution; ``exp`` over
+    30,524 logits a row is the costly part). Forward keeps the softmax for backward,
+    which is then one pass without ``exp`` for both differentiable outputs:
     ``softmax(z) (g_loss + g_lse) - eps g_loss / V - (1 - eps) g_loss onehot(y)``,
     where autograd's would be several."""
 
@@ -224,11 +227,12 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         lse = (top - p.gather(-1, where).log())[:, 0]  # the largest probability is >= 1 / V: its log is safe
         loss = lse - (1.0 - eps) * z.gather(-1, target[:, None])[:, 0] - eps * z.mean(-1)
         ctx.save_for_backward(p, target)
+        ctx.mark_non_differentiable(p)
         ctx.eps = eps
-        return loss, lse
+        return loss, lse, p
 
     @staticmethod
-    def backward(ctx, g_loss: torch.Tensor, g_lse: torch.Tensor):
+    def backward(ctx, g_loss: torch.Tensor, g_lse: torch.Tensor, _g_p: None):
         p, target = ctx.saved_tensors
         eps, vocab = ctx.eps, p.shape[-1]  # an unused output's gradient comes as zeros (autograd's default)
         grad = torch.addcmul((-eps / vocab) * g_loss[:, None], p, (g_loss + g_lse)[:, None])
@@ -261,7 +265,7 @@ class ScoredLMHeadDecoder(XBertLMHeadDecoder):
         )
         keep = labels[:, 1:] != -100
         logits = self.cls(out.last_hidden_state[:, :-1][keep])
-        loss, lse = SmoothedCrossEntropy.apply(logits, labels[:, 1:][keep], self.LABEL_SMOOTHING)
+        loss, lse, probs = SmoothedCrossEntropy.apply(logits, labels[:, 1:][keep], self.LABEL_SMOOTHING)
         reduction = a.get("reduction", "mean")
         if reduction == "none":  # per sequence, summed over its tokens (BlipVQA's answer loss)
             loss = loss.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], loss)
@@ -269,7 +273,7 @@ class ScoredLMHeadDecoder(XBertLMHeadDecoder):
             loss = loss.mean() if reduction == "mean" else loss.sum()
         return ScoredLMOutput(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions,
                               cross_attentions=out.cross_attentions, scored_logits=logits, scored_mask=keep,
-                              scored_lse=lse)
+                              scored_lse=lse, scored_probs=probs)
 
 
 # the signature of LAVIS's forward: arguments bind by name, and transformers' generate()
