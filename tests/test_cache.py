@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_cli
-from lavis_dlip.distill.cache import load_chunk
+from lavis_dlip.distill.cache import CACHED, load_chunk
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
 RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, {name: itm_kd, key: itm_all}, "
@@ -50,7 +50,7 @@ def _training_side(cfg_path, options):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkeypatch):
+def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkeypatch, caplog):
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.distill import load_teacher
     from lavis_dlip.distill.capture import Capture
@@ -61,18 +61,23 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     options = _options(tmp_path / "cache", *extra)
     stats = build_cache(str(CONFIGS / f"{name}.yaml"), options)
 
-    cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
+    with caplog.at_level("WARNING", logger="lavis_dlip.tasks.distill"):
+        cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
     n = len(task.cache_dataset)
     assert stats["entries"] == 2 * n and stats["bytes"] > 0
-    # training reads the cache: no teacher weights are loaded unless itm_kd scores the student's negatives
+    # training reads the cache: no teacher weights are loaded unless itm_kd scores the student's negatives,
+    # and then it says so
     assert task.teacher.is_meta != task.cache.online_fusion
     assert task.cache.online_fusion == (case == "retrieval")
+    assert ("the teacher's text encoder runs on them every step" in caplog.text) == task.cache.online_fusion
     teacher = load_teacher(cfg.config.distill.teacher, cfg.config.distill.base_dir)  # for the online values
     distiller = student.dlip_distill
     dataset = task.cache_dataset
     dataset.set_epoch(1)
     samples = dataset.collater([dataset[i] for i in (0, 5, 17, 40, n // 3, n // 2, n - 2, n - 1)])
     assert sorted(set(samples["cache_aug"].tolist())) == [0, 1]  # both stored augmentations are read
+    # the data loader gathers the teacher's outputs with the batch, off the training step
+    assert set(samples[CACHED]) == {"text_len", *task.cache.manifest["fields"]}
     samples.update(epoch=0, iters=0, num_iters_per_epoch=1)
     student.eval()
     with torch.no_grad(), Capture(student, distiller.student_points) as records:

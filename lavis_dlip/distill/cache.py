@@ -58,6 +58,7 @@ CACHE_KEYS = ("dir", "augmentations", "topk", "dtype", "chunk", "seed")
 DEFAULTS = {"augmentations": 1, "topk": 32, "dtype": "float16", "chunk": 256, "seed": 0}
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MANIFEST = "manifest.json"
+CACHED = "teacher_cache"  # the batch key of the teacher's outputs, as ReplayDataset collates them
 BUILD_COMMAND = "python -m lavis_dlip.cache_teacher --cfg-path <the same yaml>"
 
 # Set while the cache is being built: the directory need not hold a cache yet.
@@ -130,10 +131,12 @@ def seeded(seed: int) -> Iterator[None]:
 
 class ReplayDataset(torch.utils.data.Dataset):
     """A LAVIS train dataset whose item ``i`` in epoch ``e`` is augmentation
-    ``(h(i) + e) mod K`` of sample ``i``, with ``cache_index`` and ``cache_aug``."""
+    ``(h(i) + e) mod K`` of sample ``i``, with ``cache_index`` and ``cache_aug``;
+    with a ``reader`` (training), each batch also holds the teacher's outputs."""
 
     def __init__(self, base: torch.utils.data.Dataset, augmentations: int, seed: int):
         self.base, self.augmentations, self.seed, self.epoch = base, augmentations, seed, 0
+        self.reader: Optional[CacheReader] = None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -151,10 +154,15 @@ class ReplayDataset(torch.utils.data.Dataset):
         return self.item(index, (_seed(self.seed, index) + self.epoch) % self.augmentations)
 
     def collater(self, items: list[dict]) -> dict:
-        """The LAVIS dataset's own collater (VQA's builds its own keys), plus the cache keys."""
+        """The LAVIS dataset's own collater (VQA's builds its own keys), plus the cache
+        keys and, with a ``reader``, the teacher's outputs (``CACHED``): gathered in the
+        data loader's workers, beside the training step instead of inside it."""
         keys = {k: torch.tensor([item.pop(k) for item in items]) for k in ("cache_index", "cache_aug")}
         collate = getattr(self.base, "collater", None) or torch.utils.data.default_collate
-        return {**collate(items), **keys}
+        batch = {**collate(items), **keys}
+        if self.reader is not None:
+            batch[CACHED] = self.reader.collate(keys["cache_index"].tolist(), keys["cache_aug"].tolist())
+        return batch
 
     def __getattr__(self, name: str) -> Any:  # annotation, vis_processor ... of the LAVIS dataset
         if name == "base":
@@ -392,41 +400,66 @@ class CacheReader:
                                  f"delete it and run {BUILD_COMMAND} again to rebuild it") from None
         return self._open[c][(index - c * self.chunk) * self.augmentations + aug]
 
-    def outputs(self, samples: Mapping, records, teacher=None) -> CachedOutputs:
-        """The teacher's outputs for this batch, padded to the student's token lengths;
-        ``teacher`` scores the student's hard negatives when ``itm_kd`` needs them."""
-        device = samples["image"].device
-        keys = list(zip(samples["cache_index"].tolist(), samples["cache_aug"].tolist()))
-        entries = [self.entry(i, k) for i, k in keys]
-        call = records.find("text") or records.find("fusion")
-        if call is not None:
-            now = call.attention_mask.sum(1).tolist()
-            for (i, _), entry, n in zip(keys, entries, now):
-                if entry.get("text_len") not in (None, int(n)):
-                    raise CacheError(f"distill.cache: sample {i} had {entry['text_len']} text tokens when the cache "
-                                     f"was built and has {int(n)} now: the data or tokenizer changed; rebuild it")
-        fields: dict[str, Any] = {}
+    def collate(self, indices: list[int], augs: list[int]) -> dict[str, Any]:
+        """The stored outputs of a batch of samples (``indices``, each at augmentation
+        ``augs``), each field's rows stacked in the stored dtype; per-token fields padded
+        to the batch's longest row, and ``text_len`` (-1: none stored) to check them by.
+        Nested dicts of tensors only, which LAVIS moves to the GPU with the batch."""
+        entries = [self.entry(i, k) for i, k in zip(indices, augs)]
+        out: dict[str, Any] = {"text_len": torch.tensor([e.get("text_len", -1) for e in entries])}
         for field in self.manifest["fields"]:
             rows = [row for e in entries for row in e[field]]
             parts = field.split(".")
             if field.startswith("lm_t"):
-                fields[field] = tuple(torch.cat([r[k] for r in rows]).to(device)
-                                      for k in ("values", "indices", "lse"))
+                out[field] = {k: torch.cat([r[k] for r in rows]) for k in ("values", "indices", "lse")}
             elif field == "itm_mined":  # right-padded to the longest mined caption
-                ids = torch.nn.utils.rnn.pad_sequence([r["ids"].long() for r in rows], batch_first=True)
-                mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["ids"]), dtype=torch.long) for r in rows],
-                                                       batch_first=True)
-                fields[field] = MinedPairs(ids.to(device), mask.to(device),
-                                           torch.stack([r["logits"] for r in rows]).to(device).float())
+                out[field] = {
+                    "ids": torch.nn.utils.rnn.pad_sequence([r["ids"].long() for r in rows], batch_first=True),
+                    "mask": torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["ids"]), dtype=torch.long)
+                                                             for r in rows], batch_first=True),
+                    "logits": torch.stack([r["logits"] for r in rows])}
             elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
-                call = records.find(parts[0])
-                length = call.attention_mask.shape[1]
+                length = max(r.shape[-2] for r in rows)
                 rows = [_pad(r, parts[1], length) for r in rows]
-                if parts[1] == "cross":  # keys: the memory, padded per batch when it is text (VQA's question)
-                    rows = [_fit_last(r, call.encoder_hidden_states.shape[1]) for r in rows]
-                fields[field] = torch.stack(rows).to(device).float()  # moved in the stored dtype
+                if parts[1] == "cross":  # keys: the memory, its own length per row when it is text (VQA's question)
+                    keys = max(r.shape[-1] for r in rows)
+                    rows = [_fit_last(r, keys) for r in rows]
+                out[field] = torch.stack(rows)
             else:
-                fields[field] = torch.stack(rows).to(device).float()
+                out[field] = torch.stack(rows)
+        return out
+
+    def outputs(self, samples: Mapping, records, teacher=None) -> CachedOutputs:
+        """The teacher's outputs for this batch (``samples[CACHED]``, else collated here),
+        padded to the student's token lengths; ``teacher`` scores the student's hard
+        negatives when ``itm_kd`` needs them."""
+        device = samples["image"].device
+        cached = samples.get(CACHED)
+        if cached is None:
+            cached = self.collate(samples["cache_index"].tolist(), samples["cache_aug"].tolist())
+        call = records.find("text") or records.find("fusion")
+        if call is not None:
+            stored, now = cached["text_len"].tolist(), call.attention_mask.sum(1).tolist()
+            for i, was, n in zip(samples["cache_index"].tolist(), stored, now):
+                if was not in (-1, int(n)):
+                    raise CacheError(f"distill.cache: sample {i} had {was} text tokens when the cache "
+                                     f"was built and has {int(n)} now: the data or tokenizer changed; rebuild it")
+        fields: dict[str, Any] = {}
+        for field in self.manifest["fields"]:
+            value, parts = cached[field], field.split(".")
+            if field.startswith("lm_t"):
+                fields[field] = tuple(value[k].to(device) for k in ("values", "indices", "lse"))
+            elif field == "itm_mined":
+                fields[field] = MinedPairs(value["ids"].to(device), value["mask"].to(device),
+                                           value["logits"].to(device).float())
+            elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
+                stream = records.find(parts[0])
+                value = _pad(value, parts[1], stream.attention_mask.shape[1])
+                if parts[1] == "cross":
+                    value = _fit_last(value, stream.encoder_hidden_states.shape[1])
+                fields[field] = value.to(device).float()  # moved in the stored dtype
+            else:
+                fields[field] = value.to(device).float()
         out = CachedOutputs(fields, self.temp)
         if self.online_fusion:  # the student's own hard negatives: the teacher's text encoder, no ViT
             negatives = teacher.replay(None, records, {"fusion_neg"}, set(), image_embeds=fields["image_embeds"])

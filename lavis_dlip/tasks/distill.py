@@ -24,6 +24,7 @@ teacher is built only as a shape (on the meta device) unless a term needs it onl
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -39,6 +40,8 @@ from lavis_dlip.distill.cache import (
 from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
+
+logger = logging.getLogger(__name__)
 
 
 class DistillTaskMixin:
@@ -117,7 +120,12 @@ class DistillTaskMixin:
         setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model)))
         if cached and not BUILDING.get():
             self.cache = CacheReader(self.cache_cfg["dir"], self.cache_key(cfg, model))
+            self.cache_dataset.reader = self.cache  # batches arrive with the teacher's outputs
             if self.cache.online_fusion:  # itm_kd on the student's own negatives: the teacher's text encoder runs
+                logger.warning("distill.cache: itm_kd with pairs: all scores the student's own hard negatives, "
+                               "which no cache holds: the teacher's text encoder runs on them every step. "
+                               "pairs: mined (the teacher's negatives, cached) runs no teacher; "
+                               "see docs/distillation.md")
                 self.teacher = load_teacher(distill.teacher, base_dir=base_dir)
         return model
 
