@@ -10,9 +10,11 @@ passes' cost; the paper config's: short COCO-like captions):
   one teacher replay under ``no_grad``, the terms, and backward;
 * ``cached step``: the same, with the teacher's outputs read from a teacher-output
   cache (``distill.cache``; written for this batch and read back through
-  ``CacheReader``); the teacher's text encoder still runs when ``itm_kd`` scores
-  the student's own hard negatives (``pairs: all``), not on the teacher's mined
-  ones (``pairs: mined``: the cache holds their logits);
+  ``CacheReader``: gathered with the batch, as the data loader's workers do in
+  training, then fitted to the student's lengths in the step); the teacher's text
+  encoder still runs when ``itm_kd`` scores the student's own hard negatives
+  (``pairs: all``), not on the teacher's mined ones (``pairs: mined``: the cache
+  holds their logits);
 * ``teacher replay``: the teacher's share of the online step alone (no_grad).
 
 Each step runs twice in a row and the second run is timed: as in training, it
@@ -49,14 +51,22 @@ CAPTIONS = ["a man riding a bike down a city street", "two dogs playing with a b
 DEMO = REPO / "projects/dlip/demo"
 PAPER = str(REPO / "projects/dlip/pretrain/distill_base_to_tiny.yaml")
 PAPER_BATCH = 8  # a CPU-sized batch: a step of BLIP-base -> tiny at 224 px takes seconds
+
+
+def _demo(task: str, changes: tuple = ()) -> tuple:
+    """A demo config's case: a random stand-in for its teacher, its own batch and texts."""
+    return (str(DEMO / f"distill_{task}.yaml"), list(changes),
+            [f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"], None, task)
+
+
 CASES = {  # name -> (config, options that change what is measured, options for a random stand-in teacher, batch,
     #          the demo task whose training texts the batch holds; None: CAPTIONS)
     "paper": (PAPER, [], [], PAPER_BATCH, None),
     # its itm_kd on the teacher's mined negatives, which a cache stores: no teacher runs
     "paper, itm_kd on mined pairs": (PAPER, ["distill.terms.4={name: itm_kd, pairs: mined}"], [], PAPER_BATCH, None),
-    **{f"demo {task}": (str(DEMO / f"distill_{task}.yaml"), [], [
-        f"model.init.teacher={{cfg_path: {DEMO / f'teacher_{task}.yaml'}, load_weights: False}}"], None, task)
-       for task in ("retrieval", "caption", "vqa")},
+    **{f"demo {task}": _demo(task) for task in ("retrieval", "caption", "vqa")},
+    # the demo's itm_kd on positives plus the teacher's mined negatives: one more fused pass of the student's
+    "demo retrieval, itm_kd on mined pairs": _demo("retrieval", ["distill.terms.3={name: itm_kd, pairs: mined}"]),
 }
 
 
@@ -117,6 +127,8 @@ def measure(name: str, config: str, changes: list, stand_in: list, batch, texts_
     temp = float(teacher.model.temp.clamp(0.001, 0.5)) if hasattr(teacher.model, "temp") else None
     write_cache(directory, spec, entries, temp, {"bench": True})
     reader = cache.CacheReader(directory, {"bench": True})
+    # as ReplayDataset.collater delivers a batch in training
+    from_cache = {**samples, cache.CACHED: reader.collate(list(range(batch)), [0] * batch)}
 
     def student_step():
         student.zero_grad(set_to_none=True)
@@ -128,7 +140,7 @@ def measure(name: str, config: str, changes: list, stand_in: list, batch, texts_
 
     def cached_step():
         student.zero_grad(set_to_none=True)
-        distiller.step(student, student, teacher, samples, cache=reader)[0].backward()
+        distiller.step(student, student, teacher, from_cache, cache=reader)[0].backward()
 
     def teacher_replay():
         teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
@@ -220,7 +232,7 @@ def main() -> None:
         f"{args.min_seconds:g} s a case) in one process, random weights; each step run twice in a row, the "
         "second timed (after a step of its own kind, as in training); ratios: the median over repeats of "
         "one repeat's ratio. The cached step reads a float16 teacher-output cache (top-32 decoder logits) "
-        "written for the batch.",
+        "written for the batch, gathered with the batch as the data loader's workers do in training.",
         "",
         "| case | px | batch | repeats | student / teacher M | student step ms | online step | cached step "
         "| teacher replay | online / (replay + student) | cached / student | cache KiB/sample |",
