@@ -86,6 +86,13 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     positives = positive_pairs(samples)
     online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
     cached = task.cache.outputs(samples, records, teacher)
+    # a batch without them (not from the loader) reads the same values itself
+    itself = task.cache.outputs({k: v for k, v in samples.items() if k != CACHED}, records, teacher)
+    def parts(value):  # lm top-k and mined pairs are tuples of tensors
+        return value if isinstance(value, tuple) else (value,)
+
+    for field, value in cached.fields.items():
+        assert all(torch.equal(a, b) for a, b in zip(parts(value), parts(itself.fields[field]))), field
     if case == "retrieval":
         _check_mined(online, cached, positives, task, samples)
     compared = 0
