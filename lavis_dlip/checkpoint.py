@@ -3,6 +3,7 @@ written so that they survive crashes, with the RNG state that makes resumes exac
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lavis_dlip.errors import CheckpointError
+from lavis_dlip.errors import CheckpointError, RunStopped
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -36,10 +37,30 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, (OSError, RuntimeError)) and _no_space(directory, err)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:  # torch says "unexpected pos ...", which names neither the file nor the cause
+            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+            raise RunStopped(f"cannot write {path}: no space left on the device "
+                             f"({shutil.disk_usage(directory).free / 2**20:.0f} MiB free after removing "
+                             f"the partial file); {kept}") from None
         raise
+
+
+FULL_BELOW = 16 * 2**20  # bytes free under which a failed write is taken for a full disk
+
+
+def _no_space(directory: str, err: BaseException) -> bool:
+    """Whether a write failed for want of space: ENOSPC, or (torch's zip writer drops the
+    errno) the file system has next to nothing left while the partial file is still there."""
+    if getattr(err, "errno", None) == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def atomic_link(src: str, path: str) -> None:

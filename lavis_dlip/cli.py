@@ -5,14 +5,17 @@ config errors reported early, gloo on CPU and the runner taken from ``run.runner
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
+import signal
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from lavis_dlip.errors import ConfigError, RunStopped
 
 
 def parse_args(description: str, argv: Optional[Sequence[str]] = None, checkpoint: bool = False):
@@ -42,29 +45,6 @@ def setup_seeds(run_cfg) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-JOB_ID = "%Y%m%d%H%M%S"  # a run's directory under run.output_dir
-
-
-def make_job_id() -> str:
-    """Second-resolution job id (LAVIS's ``now()`` has 10-minute resolution, so two runs
-    in one window share an output directory), identical on every rank."""
-    import torch.distributed as dist
-    from lavis.common.dist_utils import is_dist_avail_and_initialized
-
-    job = [time.strftime(JOB_ID)]
-    if is_dist_avail_and_initialized():
-        dist.broadcast_object_list(job, src=0)
-    return job[0]
-
-
-def is_job_id(name: str) -> bool:
-    """Whether ``name`` is a run directory's name as ``make_job_id`` makes it."""
-    try:
-        return time.strftime(JOB_ID, time.strptime(name, JOB_ID)) == name
-    except ValueError:
-        return False
-
-
 def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False) -> dict[str, Any]:
     """Build task, datasets, model and runner from a run yaml; train (or evaluate).
 
@@ -73,7 +53,6 @@ def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool =
     from lavis_dlip.config import load_config
 
     from lavis_dlip.datasets.validate import DataError
-    from lavis_dlip.errors import ConfigError
 
     cfg = load_config(cfg_path, options, evaluate=evaluate)
     try:
@@ -94,6 +73,7 @@ def build_runner(cfg, evaluate: bool = False):
     from lavis_dlip import compat
     from lavis_dlip.models.importance import calibration_batches, calibration_data
     from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.runs import make_job_id
 
     if evaluate:
         cfg.run_cfg.evaluate = True
@@ -115,19 +95,55 @@ def build_runner(cfg, evaluate: bool = False):
 
 def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
     runner = build_runner(cfg, evaluate)
-    if evaluate:
-        result = runner.evaluate(skip_reload=True) or {}
-        if hasattr(runner, "_write_metrics"):
-            runner._write_metrics(result)
-    else:
-        result = runner.train() or {}
+    with _stopped_by_signals(runner):
+        if evaluate:
+            result = runner.evaluate(skip_reload=True) or {}
+            if hasattr(runner, "_write_metrics"):
+                runner._write_metrics(result)
+        else:
+            result = runner.train() or {}
     logging.info("output directory: %s", runner.output_dir)
     return result
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised where the run is, like SIGINT."""
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(runner):
+    """SIGINT and SIGTERM end the run with one line: where its last checkpoint is and
+    how to resume (SIGTERM otherwise kills silently, SIGINT prints a traceback)."""
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, _Terminated) else ("SIGINT", 130)
+        last = getattr(runner, "last_checkpoint", None)
+        if last is None:
+            kept = "no epoch had finished, so there is no checkpoint to resume from"
+        else:
+            kept = (f"the last checkpoint is {last[0]} (epoch {last[1]}); resume with "
+                    f"--options run.resume_ckpt_path={last[0]}")
+        raise RunStopped(f"stopped by {name}; {kept}", exit_code=code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main_guard(fn) -> int:
-    """Print configuration and data errors as one clear line, without a traceback."""
-    from lavis_dlip.errors import ConfigError
+    """Print configuration and data errors, and runs stopped for a reason the user can
+    act on, as one clear line without a traceback; exit code 2 (an interrupted run: 130
+    for SIGINT, 143 for SIGTERM, as a shell reports them)."""
     from lavis_dlip.datasets.validate import DataError
     from lavis_dlip.models.tokenizer import TokenizerNotFoundError
 
@@ -136,4 +152,7 @@ def main_guard(fn) -> int:
     except (ConfigError, DataError, TokenizerNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0

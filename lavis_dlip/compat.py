@@ -14,9 +14,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
+import threading
+import types
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +35,77 @@ _KEEP_ALIVE: list = []  # torch.library fragments must outlive the call that mad
 def is_offline() -> bool:
     """True when the user told the hub libraries (or us) that there is no network."""
     return any(os.environ.get(k, "0") not in ("", "0", "false", "False") for k in _OFFLINE_ENV)
+
+
+# --------------------------------------------------------------------------- import time
+# Modules that ``import lavis`` imports and a LAVIS run never uses: spacy (for the
+# img2prompt model's noun chunks, lavis/models/img2prompt_models/img2prompt_vqa.py:10),
+# pandas (lavis/common/utils.py:22, for a few dataset tools), and torchvision's model zoo
+# and ops (imported by ``torchvision/__init__``; ops imports torch._dynamo). Together about
+# 1.8 of ``import lavis_dlip``'s 3.7 s (benchmarks/import_time.py). Each is still imported
+# the moment anything reads one of its attributes, so behaviour does not change.
+DEFERRED = ("spacy", "pandas", "torchvision.datasets", "torchvision.models", "torchvision.ops")
+EAGER_ENV = "LAVIS_DLIP_EAGER_IMPORTS"  # set to 1 to import them at once, as LAVIS does
+
+
+class _Deferred(types.ModuleType):
+    """A module whose code runs on the first read of an attribute it does not have yet
+    (``__path__``, ``__spec__`` and the other import attributes are there from the start,
+    so its submodules import without running it)."""
+
+    SETUP = frozenset({"__file__", "__cached__", "__path__", "__loader__", "__package__", "__spec__"})
+
+    def __getattr__(self, attr: str):
+        spec = self.__dict__.get("__spec__")
+        # importlib probes __file__, __cached__, ... while it sets the module up: not a use
+        if attr in self.SETUP or getattr(spec, "loader_state", None) is None:
+            raise AttributeError(attr)
+        with _DEFER_LOCK:
+            if type(self) is _Deferred:
+                self.__class__ = types.ModuleType
+                spec.loader = self.__loader__ = spec.loader_state
+                spec.loader.exec_module(self)
+        return getattr(self, attr)
+
+
+class _DeferringLoader(importlib.abc.Loader):
+    def __init__(self, real: importlib.abc.Loader):
+        self.real = real
+
+    def create_module(self, spec):
+        return _Deferred(spec.name)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader_state = self.real
+
+
+class _DeferringFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in DEFERRED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _DeferringLoader(spec.loader)
+        return spec
+
+
+_DEFER_LOCK = threading.RLock()
+
+
+def defer_unused_imports() -> bool:
+    """Import ``DEFERRED`` on first use instead of with LAVIS (unless ``$LAVIS_DLIP_EAGER_IMPORTS``
+    is set, or they are imported already). Returns whether the finder is installed."""
+    if os.environ.get(EAGER_ENV, "0") not in ("", "0") or any(m in sys.modules for m in DEFERRED):
+        return False
+    if not any(isinstance(f, _DeferringFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferringFinder())
+    return True
+
+
+def quiet_known_warnings() -> None:
+    """fairscale 0.4.4 (imported by LAVIS's ViT for activation checkpointing) warns twice
+    on import that ``torch.cuda.amp.custom_fwd`` is deprecated: nothing a user can act on."""
+    warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)", category=FutureWarning)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -260,6 +336,8 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
+    defer_unused_imports()
+    quiet_known_warnings()
     fix_torchvision_on_cpu_torch()
     import lavis  # noqa: F401  (registers LAVIS's own classes and paths)
 

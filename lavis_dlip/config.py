@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import tempfile
 from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
@@ -191,6 +192,32 @@ def _check_tokenizer(source: str, key: str) -> None:
         raise ConfigError(f"{key}: {err}") from None
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_output_dir(run, cfg_path: str) -> None:
+    """``run.output_dir`` (or a resumed run's checkpoint directory) must be, or be
+    creatable as, a writable directory: found now, not after the model is built."""
+    resume = run.get("resume_ckpt_path")
+    key, path = ("run.resume_ckpt_path", os.path.dirname(os.path.abspath(str(resume)))) \
+        if resume and os.path.isfile(str(resume)) and not run.get("evaluate", False) \
+        else ("run.output_dir", os.path.abspath(os.path.expanduser(str(run.output_dir))))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = f"{probe} is a file" if probe == path else f"{probe}, a file, is on its path"
+        raise ConfigError(f"{cfg_path}: {key}: {where}, not a directory; point run.output_dir at a directory")
+    try:  # an unnamed file: a real write, leaving no trace (read-only file systems refuse it)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{cfg_path}: {key}: cannot write in {probe} ({err.strerror}); "
+                          f"point run.output_dir at a writable directory") from None
+
+
 def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool = False):
     """LAVIS ``Config`` for ``cfg_path`` with ``--options``, validated first.
 
@@ -200,6 +227,9 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
     import lavis_dlip  # noqa: F401  (registers the plugin before LAVIS's Config looks names up)
     from lavis.common.config import Config
 
+    if os.path.isdir(cfg_path):
+        raise ConfigError(f"--cfg-path {cfg_path} is a directory; give a run yaml file in it "
+                          f"(e.g. {os.path.join(cfg_path, 'train.yaml')})")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"config file not found: {cfg_path}")
     try:
@@ -212,10 +242,17 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
             raise ConfigError(f"--options expects key=value pairs, got '{opt}'")
     for opt in opts:  # update() also reaches list items: distill.terms.0.weight=2
         key, value = opt.split("=", 1)
-        OmegaConf.update(raw, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+        try:
+            parsed = OmegaConf.from_dotlist([f"v={value}"]).v
+        except Exception as err:  # yaml's ScannerError and friends: name the option
+            why = getattr(err, "problem", None) or _first_line(err)
+            raise ConfigError(f"{cfg_path}: --options {opt}: the value is not valid yaml ({why}); quote a string "
+                              f"that holds ':', '{{' or '[', e.g. {key}='{value}'") from None
+        OmegaConf.update(raw, key, parsed, merge=True)
     if evaluate and raw.get("run") is not None:  # evaluation builds no teacher and reads no cache
         raw.run.evaluate = True
     validate(raw, cfg_path, evaluate=evaluate)
+    check_output_dir(raw.run, cfg_path)
 
     cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=opts))
     base_dir = os.path.dirname(os.path.abspath(cfg_path))

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -50,15 +51,19 @@ def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Pat
     """Where a trained demo teacher is kept: keyed by its yaml, the data and the options."""
     key = hashlib.sha256(b"\n".join([cfg_path.read_bytes(), data_dir.name.encode(), *map(str.encode, options)]))
     key = key.hexdigest()[:10]
-    root = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
-    return root / f"{cfg_path.stem}-{key}"
+    return teacher_root() / f"{cfg_path.stem}-{key}"
+
+
+def teacher_root() -> Path:
+    """Where the demo keeps what it reuses: trained teachers, their caches, stage times."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
 
 
 def drop_earlier_runs(stage_dir: Path) -> None:
-    """The run directories (``cli.is_job_id``) of a stage's earlier demo runs: each left
+    """The run directories (``runs.is_job_id``) of a stage's earlier demo runs: each left
     every epoch's checkpoint (0.07-0.5 GB a stage), and the demo reads only its latest.
     A teacher's stored checkpoint is a hard link or a copy, so it stays."""
-    from lavis_dlip.cli import is_job_id
+    from lavis_dlip.runs import is_job_id
 
     if stage_dir.is_dir():
         for job in stage_dir.iterdir():
@@ -183,10 +188,12 @@ STAGES = ("teacher", "cache", "distilled", "not distilled")  # a stage reads onl
 
 
 class Stage(NamedTuple):
-    """One run of the demo: ``fn(*args)`` once the stages named in ``after`` are done."""
+    """One run of the demo: ``fn(*args)`` once the stages named in ``after`` are done;
+    ``reused``: what it makes exists already (a trained teacher, a built cache)."""
     fn: Callable[..., dict]
     args: tuple
     after: tuple[str, ...] = ()
+    reused: bool = False
 
 
 def stage_cfgs(task: str) -> dict[str, Path]:
@@ -201,9 +208,15 @@ def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dic
     ckpt = teacher_dir / "checkpoint.pth"
     distill_opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options]
     cache = cache_dir(cfgs["distill"], teacher_dir, distill_opts)
+    from lavis_dlip.distill.cache import read_manifest
+
+    trained = ckpt.is_file() and (teacher_dir / "metrics.json").is_file()
+    built = bool((read_manifest(str(cache)) or {}).get("complete"))
     return {
-        "teacher": Stage(train_or_reuse_teacher, (cfgs["teacher"], data, out / "teacher", list(options))),
-        "cache": Stage(build_or_reuse_cache, (cfgs["distill"], teacher_dir, distill_opts), ("teacher",)),
+        "teacher": Stage(train_or_reuse_teacher, (cfgs["teacher"], data, out / "teacher", list(options)),
+                         reused=trained),
+        "cache": Stage(build_or_reuse_cache, (cfgs["distill"], teacher_dir, distill_opts), ("teacher",),
+                       reused=built),
         "distilled": Stage(train_student, (cfgs["distill"], out / "distilled",
                                            [*distill_opts, f"distill.cache={cache}"]), ("cache",)),
         "not distilled": Stage(train_student, (cfgs["student"], out / "not_distilled", list(options))),
@@ -256,7 +269,7 @@ def _done_line(task: str, name: str, result: dict) -> str:
 
 
 def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str], Path],
-               parallel: int) -> dict[tuple[str, str], dict]:
+               parallel: int, progress: Optional[Progress] = None) -> dict[tuple[str, str], dict]:
     """Every ``(task, stage)``, each as soon as the stages of its task that it reads are
     done; among those ready, the first in ``stages``' order. ``parallel`` run at once in
     pool processes with an equal share of the CPU threads each, their console output in
@@ -264,7 +277,7 @@ def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str],
     finish sooner than one two-threaded run after the other (measured: the retrieval
     teacher's step took 2.23-2.36 s beside another run, 1.35 s alone with 2 threads; the
     two captioning students 108 s against 139 s), so the teachers train beside the
-    students that need none."""
+    students that need none. ``progress`` reports, while stages run, where each one is."""
     import concurrent.futures
     import multiprocessing
 
@@ -279,12 +292,18 @@ def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str],
     def ready() -> list[tuple[str, str]]:
         return [key for key, stage in waiting.items() if all((key[0], a) in done for a in stage.after)]
 
+    def finished(key: tuple[str, str], result: dict) -> None:
+        done[key] = result
+        if progress is not None:
+            progress.clear()
+            progress.done(key, result["seconds"])
+        print(_done_line(*key, result), flush=True)
+
     if parallel <= 1:
         while waiting:
             key = ready()[0]
             stage = waiting.pop(key)
-            done[key] = stage.fn(*stage.args)
-            print(_done_line(*key, done[key]), flush=True)
+            finished(key, stage.fn(*stage.args))
         return done
     threads = max(1, torch.get_num_threads() // parallel)
     logger.info("running %d stages, %d at a time with %d thread(s) each; their output goes to <stage>.log",
@@ -295,19 +314,129 @@ def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str],
         while waiting or running:
             for key in ready()[:parallel - len(running)]:
                 running[pool.submit(_in_worker, waiting.pop(key), logs[key], threads)] = key
+                if progress is not None:
+                    progress.started(key)
             if not running:
                 raise ValueError(f"demo stages that wait on each other: {sorted(waiting)}")
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
+            ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED,
+                                               timeout=None if progress is None else progress.interval)
+            if not ended:
+                progress.report({key: logs[key] for key in running.values()}, list(waiting))
+            for future in ended:
                 key = running.pop(future)
                 try:
-                    done[key] = future.result()
+                    result = future.result()
                 except Exception as exc:
                     raise RuntimeError(f"demo stage '{' '.join(key)}' failed; its output: {logs[key]}") from exc
-                print(_done_line(*key, done[key]), flush=True)
+                finished(key, result)
     finally:  # on a failure, start nothing more; the stage still running finishes its own run
         pool.shutdown(wait=not waiting and not running, cancel_futures=True)
     return done
+
+
+# Minutes each stage took in a fresh `make demo` on this project's machines (2 cores, two
+# stages at a time; docs/results.md): the plan's estimate until this machine has its own.
+REFERENCE_MINUTES = {
+    ("retrieval", "teacher"): 9.1, ("caption", "teacher"): 1.7, ("vqa", "teacher"): 1.1,
+    ("retrieval", "cache"): 1.1, ("caption", "cache"): 0.7, ("vqa", "cache"): 0.6,
+    ("retrieval", "distilled"): 2.2, ("caption", "distilled"): 1.9, ("vqa", "distilled"): 1.3,
+    ("retrieval", "not distilled"): 1.9, ("caption", "not distilled"): 1.6, ("vqa", "not distilled"): 1.0,
+}
+TQDM = re.compile(r"([A-Za-z][\w ]*?):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+def stage_progress(log: Path) -> str:
+    """Where a running stage is, from the last progress bar in its log: ``train epoch 1 45% (28/62)``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = TQDM.findall(tail)
+    if not found:
+        return ""
+    desc, pct, n, total = found[-1]
+    return f"{desc} {pct}% ({n}/{total})"
+
+
+class Progress:
+    """The demo's plan and its progress: an estimate of each stage (this machine's last
+    measured time, kept in ``times_file``, else ``REFERENCE_MINUTES``; 0 when it is reused),
+    printed before anything runs, then a status line every ``interval`` seconds."""
+
+    def __init__(self, estimates: dict[tuple[str, str], float], parallel: int, times_file: Optional[Path],
+                 interval: float = 30.0, stream=None):
+        self.estimates, self.parallel, self.times_file, self.interval = estimates, parallel, times_file, interval
+        self.stream = stream or sys.stdout
+        self.start, self.starts = time.time(), {}
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._shown = False
+
+    @staticmethod
+    def load(times_file: Optional[Path]) -> dict[str, float]:
+        try:
+            return json.loads(times_file.read_text()) if times_file is not None else {}
+        except (OSError, ValueError):
+            return {}
+
+    @classmethod
+    def plan(cls, stages: dict[tuple[str, str], Stage], parallel: int, times_file: Optional[Path],
+             **kwargs) -> Progress:
+        measured = cls.load(times_file)
+        reused = {key for key, stage in stages.items() if stage.reused}
+        estimates = {key: 0.0 if key in reused else 60.0 * measured.get(" ".join(key), REFERENCE_MINUTES.get(key, 1.0))
+                     for key in stages}
+        progress = cls(estimates, parallel, times_file, **kwargs)
+        source = "this machine's last run" if measured else "a fresh run on 2 cores"
+        lines = [f"lavis-dlip demo: {len(stages)} stages, {parallel} at a time; about "
+                 f"{progress.remaining(set(stages)) / 60:.0f} min (estimates from {source}):"]
+        for key in stages:
+            what = "reused" if key in reused else f"~{estimates[key] / 60:.1f} min"
+            lines.append(f"  {' '.join(key):<24} {what}")
+        print("\n".join(lines), file=progress.stream, flush=True)
+        return progress
+
+    def remaining(self, keys) -> float:
+        """Seconds to go for ``keys`` (waiting or running), shared by the parallel slots."""
+        now = time.time()
+        left = [max(self.estimates[k] - (now - self.starts[k] if k in self.starts else 0.0), 0.0) for k in keys]
+        return max(sum(left) / self.parallel, max(left, default=0.0))
+
+    def started(self, key: tuple[str, str]) -> None:
+        self.starts[key] = time.time()
+
+    def done(self, key: tuple[str, str], seconds: float) -> None:
+        """Keep what a stage that really ran took, for the next plan on this machine."""
+        self.starts.pop(key, None)
+        if self.times_file is None or self.estimates.get(key) == 0.0 or seconds <= 0:
+            return
+        times = self.load(self.times_file)
+        times[" ".join(key)] = round(seconds / 60, 2)
+        self.times_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.times_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
+        os.replace(tmp, self.times_file)
+
+    def report(self, running: dict[tuple[str, str], Path], waiting: list[tuple[str, str]]) -> None:
+        now = time.time()
+        parts = []
+        for key, log in running.items():
+            where = stage_progress(log)
+            parts.append(f"{' '.join(key)} {(now - self.starts[key]) / 60:.1f}/{self.estimates[key] / 60:.1f} min"
+                         + (f", {where}" if where else ""))
+        line = (f"[{(now - self.start) / 60:.1f} min] " + "; ".join(parts)
+                + f"; {len(waiting)} waiting; about {self.remaining([*running, *waiting]) / 60:.0f} min to go")
+        if self.tty:  # one line, rewritten
+            print("\r" + line[:200].ljust(200), end="", file=self.stream, flush=True)
+            self._shown = True
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        if self._shown:
+            print("\r" + " " * 200 + "\r", end="", file=self.stream, flush=True)
+            self._shown = False
 
 
 def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
@@ -337,10 +466,11 @@ def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
 
 
 def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, data_preset: str = "demo",
-             tasks: Sequence[str] = tuple(TASKS), parallel: int = 2) -> dict:
+             tasks: Sequence[str] = tuple(TASKS), parallel: int = 2, progress_s: float = 30.0) -> dict:
     """Teacher, teacher-output cache, distilled and not-distilled students per task
-    (``options`` apply to every stage), ``parallel`` stages at a time (``run_stages``);
-    then latency is timed alone."""
+    (``options`` apply to every stage), ``parallel`` stages at a time (``run_stages``),
+    their plan printed first and their progress every ``progress_s`` seconds; then
+    latency is timed alone."""
     from lavis_dlip.datasets.demo_data import ensure
 
     start = time.time()
@@ -358,7 +488,8 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     order += [(task, name) for task in tasks for name in STAGES[2:]]
     stages = {(task, name): per_task[task][name] for task, name in order}
     logs = {(task, name): out / task / f"{name.replace(' ', '_')}.log" for task, name in stages}
-    results = run_stages(stages, logs, parallel)
+    times = teacher_root() / "stage_times.json" if data_preset == "demo" else None
+    results = run_stages(stages, logs, parallel, Progress.plan(stages, parallel, times, interval=progress_s))
     rows = []
     for task in tasks:
         rows += task_rows(task, {name: results[(task, name)] for name in STAGES}, repeats)

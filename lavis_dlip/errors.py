@@ -19,6 +19,18 @@ class CheckpointError(ConfigError):
     the message names the file and the key that named it."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped for a reason the user can act on (it diverged, the disk is full,
+    it was interrupted); the message says what happened, what was kept and what to do.
+    The command prints it as one line and exits with ``exit_code``."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 LISTED = 16  # longer key lists are not printed in full: one line stays readable
 
 

@@ -95,7 +95,7 @@ RUN_KEYS: dict[str, Key] = {
     # processes
     "distributed": FLAG, "world_size": POSITIVE_INT, "dist_url": NAME, "dist_backend": NAME,
     "dist_timeout_min": POSITIVE_INT, "gpu": COUNT, "rank": COUNT, "find_unused_parameters": FLAG,
-    "best_metric": NAME, "keep_freed_memory": FLAG,
+    "best_metric": NAME, "keep_freed_memory": FLAG, "keep_checkpoints": POSITIVE_INT,
     # tasks
     "k_test": POSITIVE_INT, "num_beams": POSITIVE_INT, "max_len": POSITIVE_INT, "min_len": COUNT,
     "num_ans_candidates": POSITIVE_INT, "inference_method": Key("str", choices=("rank", "generate")),
@@ -119,7 +119,21 @@ PROCESSOR_SPLITS = ("train", "eval")
 
 def check_value(value: Any, key: Key, where: str) -> None:
     if value is not None and not key.accepts(value):
-        raise ConfigError(f"{where} must be {key.describe()}, got {value!r}")
+        hint = ""
+        if isinstance(value, str) and key.kind in ("int", "float", "bool") and _decodes(value, key):
+            hint = ("; it is a string, as ${oc.env:...} always gives: decode it, "
+                    "e.g. ${oc.decode:${oc.env:NAME,42}}")
+        raise ConfigError(f"{where} must be {key.describe()}, got {value!r}{hint}")
+
+
+def _decodes(text: str, key: Key) -> bool:
+    """Whether yaml would read ``text`` as a value ``key`` accepts (a quoted number)."""
+    import yaml
+
+    try:
+        return key.accepts(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return False
 
 
 def check_run(run: Mapping[str, Any]) -> None:

@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (as `make test`): OpenMP threads of two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers on two cores spin against each other, 5-10x slower
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS / "configs"
@@ -35,6 +37,27 @@ def run_cli(module: str, cfg: Path, *options: str, cwd: Path, timeout: int = 600
         cmd += ["--options", *options]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_main(module: str, cfg: Path, *options: str, cwd: Path, extra: list[str] | None = None
+             ) -> subprocess.CompletedProcess:
+    """The same command as ``run_cli``, run in this process (its ``main``): no new interpreter
+    and no second ``import lavis_dlip``. For what needs a process of its own (a kill, torchrun,
+    a process without LAVIS) use ``run_cli``."""
+    import contextlib
+    import importlib
+    import io
+
+    argv = ["--cfg-path", str(cfg), *(extra or [])] + (["--options", *options] if options else [])
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = importlib.import_module(module).main(argv)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([module, *argv], code, out.getvalue(), err.getvalue())
 
 
 def output_dirs(root: Path) -> list[Path]:

@@ -60,6 +60,30 @@ def wider(path: Path) -> Path:
     return student_ckpt(path, vision={"width": 96, "heads": 3})
 
 
+def a_file(path: Path) -> Path:
+    path.write_text("a file where a directory should be")
+    return path
+
+
+def records(split: str, change: Callable[[list], None]) -> Callable[[Path], Path]:
+    """The test data's retrieval ``split`` file, changed by ``change``, written to the case's path."""
+    def make(path: Path) -> Path:
+        import json
+
+        from lavis_dlip.datasets.demo_data import ensure
+
+        recs = json.loads((ensure("test") / f"retrieval_{split}.json").read_text())
+        change(recs)
+        path.write_text(json.dumps(recs))
+        return path
+    return make
+
+
+def one_id(recs: list) -> None:  # ten different images under image_id 0
+    for rec in recs[:20]:
+        rec["image_id"] = 0
+
+
 def old_run(tmp: Path, make: Callable[[Path], Path]) -> Path:
     """An earlier run's directory holding ``log.txt`` and the checkpoint ``make`` writes."""
     job = tmp / "old_run"
@@ -105,6 +129,19 @@ CASES = [
     Case("run_missing_key", "no `run.init_lr`", ["run.init_lr=null"], ["missing key(s) run.init_lr"]),
     Case("run_task", "`run.task=retreival`", ["run.task=retreival"], ["run.task 'retreival' is not a registered task"]),
     Case("run_device", "`run.device=tpu`", ["run.device=tpu"], ["run.device 'tpu' must be one of"]),
+    Case("options_not_yaml", "`--options run.max_epoch=[1` (not valid yaml)", ["run.max_epoch=[1"],
+         ["--options run.max_epoch=[1: the value is not valid yaml"]),
+    Case("cfg_path_directory", "`--cfg-path tests/configs` (a directory)", [], ["is a directory", "give a run yaml"],
+         cfg=CONFIGS),
+    Case("seed_from_env", "`run.seed: ${oc.env:SEED,42}` (oc.env gives a string)",
+         ["run.seed=${{oc.env:DLIP_UNSET_SEED,42}}"], ["run.seed must be an integer >= 0", "'42'", "oc.decode"]),
+    Case("output_dir_file", "`run.output_dir` a file", ["run.output_dir={f}"],
+         ["run.output_dir:", "is a file, not a directory"], files={"f": a_file}),
+    Case("output_dir_read_only", "`run.output_dir` where nothing can be written (`/sys/dlip`)",
+         ["run.output_dir=/sys/dlip"], ["run.output_dir: cannot write in /sys"]),
+    Case("batch_above_split", "`run.batch_size_train` larger than the train split (768 records)",
+         ["run.batch_size_train=1024", "model.queue_size=1024"],
+         ["fewer records", "run.batch_size_train"]),
     # datasets
     Case("dataset_key_typo", f"`{DS}.buildinfo`", [f"{DS}.buildinfo.images.storage=x"],
          [f"unknown key '{DS}.buildinfo'", "did you mean"]),
@@ -118,6 +155,14 @@ CASES = [
     Case("dataset_builder", "`datasets.dlip_local_retreival`",
          ["datasets.dlip_local_retreival.build_info.images.storage=x"],
          ["datasets.dlip_local_retreival is not a registered dataset builder"]),
+    Case("image_id_conflict", "ten images under one `image_id` in a train file",
+         [f"{DS}.build_info.annotations.train.storage={{ann}}"],
+         ["give image_id 0 to two images", "give each image its own id"],
+         files={"ann": records("train", one_id)}),
+    Case("eval_image_twice", "an eval file that lists one image twice",
+         [f"{DS}.build_info.annotations.test.storage={{ann}}"],
+         ["both list image", "merge them into one record"],
+         files={"ann": records("test", lambda recs: recs.append(dict(recs[0])))}),
     Case("data_file_missing", f"`{DS}.build_info.annotations.train.storage=nope.json`",
          [f"{DS}.build_info.annotations.train.storage=nope.json"], ["nope.json"]),
     # model
@@ -155,6 +200,9 @@ CASES = [
          cfg=DISTILL, files={"ckpt": student_ckpt}),
     Case("teacher_key_typo", "`distill.teacher.chekpoint`", ["distill.teacher.chekpoint=x"],
          ["unknown key 'distill.teacher.chekpoint'"], cfg=DISTILL),
+    Case("terms_all_zero", "every `distill.terms` weight 0",
+         ["distill.terms=[{{name: itc, weight: 0}}, {{name: itc_kd, weight: 0.0}}]"],
+         ["every term has weight 0", "nothing trains"], cfg=DISTILL),
     Case("layer_map_range", "a term's layer map outside the student (`layers: {7: 0}`)",
          ["distill.terms.4.layers={{7: 0}}"], ["distill.terms", "7"], cfg=DISTILL),
     # evaluation
@@ -189,13 +237,14 @@ def prepare(case: Case, tmp: Path) -> list[str]:
     """Make the case's files in ``tmp``; the command line that runs it there."""
     names = {}
     for name, make in case.files.items():
-        made = old_run(tmp, make) if case.id.startswith("resume") else make(tmp / f"{name}.pth")
+        suffix = "json" if name == "ann" else "pth"
+        made = old_run(tmp, make) if case.id.startswith("resume") else make(tmp / f"{name}.{suffix}")
         names[name] = str(made)
     argv = [case.command.partition(":")[0], "--cfg-path", str(case.cfg)]
     checkpoint = case.command.partition(":")[2]
     if checkpoint:
         argv += ["--checkpoint", checkpoint.format(**names)]
-    options = [o.format(**names) for o in case.options] + ["run.output_dir=out", "run.progress=False"]
+    options = ["run.output_dir=out", "run.progress=False"] + [o.format(**names) for o in case.options]
     if case.cfg == DISTILL and not any(o.startswith("distill.teacher.checkpoint") for o in options):
         options.append("distill.teacher.load_weights=False")  # no trained teacher needed to reach the error
     return argv + ["--options", *options]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_cli
+from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_main
 from lavis_dlip.distill.cache import CACHED, load_chunk
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
@@ -22,10 +22,16 @@ RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positiv
                    "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, stream: vision}, "
                    "{name: hidden, stream: text}, {name: hidden, stream: fusion}, "
                    "{name: attention, stream: text}, {name: attention, stream: fusion, kind: cross}]")
+# LAVIS's random train transform (crop, flip, RandAugment): stored augmentations 0 and 1 of a
+# sample are different images, so a cache that replays the wrong one gives other values
+RANDOM_CROPS = "{name: blip_image_train, image_size: 64, min_scale: 0.5}"
 CASES = {
-    "retrieval": ("distill_retrieval", [RETRIEVAL_TERMS]),
-    "caption": ("distill_caption", ["distill.terms.4={name: embed, targets: [decoder_cls]}"]),
-    "vqa": ("distill_vqa", ["distill.terms.4={name: attention, stream: decoder, kind: cross}"]),
+    "retrieval": ("distill_retrieval", [RETRIEVAL_TERMS,
+                                        f"datasets.dlip_local_retrieval.vis_processor.train={RANDOM_CROPS}"]),
+    "caption": ("distill_caption", ["distill.terms.4={name: embed, targets: [decoder_cls]}",
+                                    f"datasets.dlip_local_caption.vis_processor.train={RANDOM_CROPS}"]),
+    "vqa": ("distill_vqa", ["distill.terms.4={name: attention, stream: decoder, kind: cross}",
+                            f"datasets.dlip_local_vqa.vis_processor.train={RANDOM_CROPS}"]),
 }
 
 
@@ -51,9 +57,13 @@ def _training_side(cfg_path, options):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkeypatch, caplog):
+    """Built under random augmentation (K = 2, several chunks) and read back in two epochs
+    through the data loader's collater: every term equals the online teacher's on the very
+    images the student sees; lm_kd equals the top-k KL of the online teacher's logits."""
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.distill import load_teacher
     from lavis_dlip.distill.capture import Capture
+    from lavis_dlip.distill.losses import topk_kl
     from lavis_dlip.distill.outputs import BlipOutputs, MinedPairs, positive_pairs
 
     monkeypatch.chdir(tmp_path)
@@ -64,7 +74,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     with caplog.at_level("WARNING", logger="lavis_dlip.tasks.distill"):
         cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
     n = len(task.cache_dataset)
-    assert stats["entries"] == 2 * n and stats["bytes"] > 0
+    assert stats["entries"] == 2 * n and stats["bytes"] > 0 and n > 2 * 128  # three chunks or more
     # training reads the cache: no teacher weights are loaded unless itm_kd scores the student's negatives,
     # and then it says so
     assert task.teacher.is_meta != task.cache.online_fusion
@@ -73,44 +83,53 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     teacher = load_teacher(cfg.config.distill.teacher, cfg.config.distill.base_dir)  # for the online values
     distiller = student.dlip_distill
     dataset = task.cache_dataset
-    dataset.set_epoch(1)
-    samples = dataset.collater([dataset[i] for i in (0, 5, 17, 40, n // 3, n // 2, n - 2, n - 1)])
-    assert sorted(set(samples["cache_aug"].tolist())) == [0, 1]  # both stored augmentations are read
-    # the data loader gathers the teacher's outputs with the batch, off the training step
-    assert set(samples[CACHED]) == {"text_len", *task.cache.manifest["fields"]}
-    samples.update(epoch=0, iters=0, num_iters_per_epoch=1)
+    assert not torch.equal(dataset.item(3, 0)["image"], dataset.item(3, 1)["image"])  # two different crops
     student.eval()
-    with torch.no_grad(), Capture(student, distiller.student_points) as records:
-        output = student(samples)
-    s = BlipOutputs(student, records, output)
-    positives = positive_pairs(samples)
-    online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points, positives=positives)
-    cached = task.cache.outputs(samples, records, teacher)
-    # a batch without them (not from the loader) reads the same values itself
-    itself = task.cache.outputs({k: v for k, v in samples.items() if k != CACHED}, records, teacher)
-    def parts(value):  # lm top-k and mined pairs are tuples of tensors
-        return value if isinstance(value, tuple) else (value,)
+    compared, augs = 0, set()
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        samples = dataset.collater([dataset[i] for i in (0, 5, 17, 40, n // 3, n // 2, n - 2, n - 1)])
+        augs |= set(samples["cache_aug"].tolist())
+        # the data loader gathers the teacher's outputs with the batch, off the training step
+        assert set(samples[CACHED]) == {"text_len", *task.cache.manifest["fields"]}
+        samples.update(epoch=epoch, iters=0, num_iters_per_epoch=1)
+        with torch.no_grad(), Capture(student, distiller.student_points) as records:
+            output = student(samples)
+        s = BlipOutputs(student, records, output)
+        positives = positive_pairs(samples)
+        online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points,
+                                positives=positives)
+        cached = task.cache.outputs(samples, records, teacher)
+        # a batch without them (not from the loader) reads the same values itself
+        itself = task.cache.outputs({k: v for k, v in samples.items() if k != CACHED}, records, teacher)
 
-    for field, value in cached.fields.items():
-        assert all(torch.equal(a, b) for a, b in zip(parts(value), parts(itself.fields[field]))), field
-    if case == "retrieval":
-        _check_mined(online, cached, positives, task, samples)
-    compared = 0
-    for term in distiller.terms:
-        if term.teacher_free:
-            continue
-        if getattr(term, "pairs", None) == "mined":  # the cache mined in its build batch: score those pairs online
-            pairs = cached.mined
-            online.mined = MinedPairs(pairs.input_ids, pairs.attention_mask,
-                                      online.itm_logits_on(pairs.input_ids, pairs.attention_mask))
-        with torch.no_grad():
-            want, got = float(term(s, online)), float(term(s, cached))
-        if term.NAME == "lm_kd":  # top-k plus the rest: a lower bound of the full KL
-            assert 0.0 <= got <= want + 1e-6, (term.key, got, want)
-        else:
-            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (term.key, got, want)
-        compared += 1
-    assert compared >= 3
+        def parts(value):  # lm top-k and mined pairs are tuples of tensors
+            return value if isinstance(value, tuple) else (value,)
+
+        for field, value in cached.fields.items():
+            assert all(torch.equal(a, b) for a, b in zip(parts(value), parts(itself.fields[field]))), field
+        if case == "retrieval":
+            _check_mined(online, cached, positives, task, samples)
+        for term in distiller.terms:
+            if term.teacher_free:
+                continue
+            if getattr(term, "pairs", None) == "mined":  # the cache mined in its build batch: score those online
+                pairs = cached.mined
+                online.mined = MinedPairs(pairs.input_ids, pairs.attention_mask,
+                                          online.itm_logits_on(pairs.input_ids, pairs.attention_mask))
+            with torch.no_grad():
+                want, got = float(term(s, online)), float(term(s, cached))
+                if term.NAME == "lm_kd":  # the cache keeps the online teacher's top-k and log-partition
+                    rows, keep = s.lm_rows()
+                    logits = online.lm_rows(keep)[0].float()
+                    top = logits.topk(task.cache.manifest["key"]["fields"]["topk"], dim=-1)
+                    t = term.temperature
+                    want = float(topk_kl(rows, top.values, top.indices, torch.logsumexp(logits / t, -1), t))
+                    assert 0.0 < want <= float(term(s, online)) + 1e-6
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (epoch, term.key, got, want)
+            compared += 1
+    assert augs == {0, 1}  # both stored augmentations were read and checked
+    assert compared >= 6
 
 
 def _check_mined(online, cached, positives, task, samples) -> None:
@@ -297,8 +316,9 @@ def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data,
     opts = [RANDOM_TEACHER, f"distill.cache={cache}", f"run.output_dir={out}", "run.max_epoch=1"]
     assert "holds an unfinished cache" in refused(*opts) and not out.exists()
 
-    resumed = subprocess.run(_build_cmd(cache), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from lavis_dlip.cache_teacher import build_cache
+
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(cache)[-3:])  # resumed, in this process
     assert len(list(cache.glob("chunk-*.pt"))) == 24  # 768 samples / 32
     assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks were not redone
     assert not list(cache.glob(".tmp-*"))
@@ -310,14 +330,37 @@ def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data,
         assert words in stale and "rebuild it" in stale, stale[-2000:]
     assert not out.exists()
 
-    check(run_cli("lavis_dlip.train", CONFIGS / "distill_retrieval.yaml", *opts, cwd=tmp_path))
+    # a chunk damaged after the build (a cut copy): training refuses it by its size, and the build
+    # command, run again, finds it by size and checksum and rebuilds it alone
+    from lavis_dlip.distill.cache import read_manifest
+
+    damaged = cache / "chunk-000005.pt"
+    good = load_chunk(str(damaged))
+    intact = {p.name: p.stat().st_mtime_ns for p in cache.glob("chunk-*.pt") if p != damaged}
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    assert "chunk-000005.pt is damaged" in refused(*opts) and not out.exists()
+    capsys.readouterr()
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(cache)[-3:])
+    assert "rebuilding 1 broken chunk(s): chunk-000005.pt" in capsys.readouterr().out
+    assert {n: (cache / n).stat().st_mtime_ns for n in intact} == intact
+    manifest = read_manifest(str(cache))
+    assert manifest["complete"] and manifest["chunks"]["chunk-000005.pt"]["bytes"] == damaged.stat().st_size
+    for a, b in zip(good, load_chunk(str(damaged))):
+        for field in a:
+            if field != "text_len":
+                for ra, rb in zip(a[field], b[field]):
+                    torch.testing.assert_close(ra, rb, rtol=1e-3, atol=1e-3)
+
+    check(run_main("lavis_dlip.train", CONFIGS / "distill_retrieval.yaml", *opts, cwd=tmp_path))
     job = output_dirs(out)[0]
     assert read_metrics(job)["test"]["r_mean"] > 0
 
 
 def test_two_processes_build_the_same_cache(tmp_path, demo_test_data):
+    from lavis_dlip.cache_teacher import build_cache
+
     one, two = tmp_path / "one", tmp_path / "two"
-    check(subprocess.run(_build_cmd(one), cwd=tmp_path, capture_output=True, text=True, timeout=600))
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(one)[-3:])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *_build_cmd(two)[1:]]
     check(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, REPO, run_cli
+from conftest import CONFIGS, REPO, run_main
 
 
 def _write(tmp_path, edit) -> str:
@@ -87,7 +87,7 @@ def test_unknown_model_keys_are_named():
 
 def test_cli_prints_one_clear_line(tmp_path):
     path = _write(tmp_path, lambda c: c.model.update(arch="nope_model"))
-    proc = run_cli("lavis_dlip.train", path, cwd=tmp_path)
+    proc = run_main("lavis_dlip.train", path, cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.arch 'nope_model' is not a registered LAVIS model" in last
@@ -95,7 +95,7 @@ def test_cli_prints_one_clear_line(tmp_path):
 
 
 def test_queue_size_must_fit_batch(tmp_path, demo_test_data):
-    proc = run_cli("lavis_dlip.train", CONFIGS / "retrieval.yaml", "model.queue_size=60",
+    proc = run_main("lavis_dlip.train", CONFIGS / "retrieval.yaml", "model.queue_size=60",
                    f"run.output_dir={tmp_path}/out", cwd=tmp_path)
     assert proc.returncode == 2
     assert "model.queue_size (60) must be a multiple of run.batch_size_train" in proc.stderr
@@ -106,7 +106,7 @@ def test_cuda_device_without_gpu_is_a_clear_error(tmp_path, demo_test_data):
 
     if torch.cuda.is_available():  # this check is about CPU-only machines
         return
-    proc = run_cli("lavis_dlip.train", CONFIGS / "retrieval.yaml", "run.device=cuda",
+    proc = run_main("lavis_dlip.train", CONFIGS / "retrieval.yaml", "run.device=cuda",
                    f"run.output_dir={tmp_path}/out", cwd=tmp_path)
     assert proc.returncode == 2 and "run.device is 'cuda' but no CUDA device is visible" in proc.stderr
 

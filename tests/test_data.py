@@ -121,7 +121,8 @@ def test_relative_paths_resolve_against_the_yaml(tmp_path, demo_test_data):
     [
         (lambda r: r[5].pop("caption"), r"retrieval_train.json: record 5 has no 'caption'"),
         (lambda r: r[7].update(image_id=[1]), r"record 7 'image_id' must be str or int"),
-        (lambda r: r[3].update(image="train/missing.jpg"), r"record 3: image 'train/missing.jpg' not found"),
+        (lambda r: r[3].update(image="train/missing.jpg", image_id="its own"),
+         r"record 3: image 'train/missing.jpg' not found"),
     ],
 )
 def test_malformed_records_are_named(tmp_path, demo_test_data, edit, message):

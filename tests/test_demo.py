@@ -207,3 +207,42 @@ def test_each_demo_stage_logs_into_its_own_log(tmp_path):
     for key, log in logs.items():
         text = log.read_text()
         assert f"logged by {' '.join(key)}" in text and "Logging error" not in text, (key, text)
+
+
+def _busy_stage(seconds: float) -> dict:
+    """A stand-in stage that shows a progress bar, as a training epoch does, then waits."""
+    import time
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc="train epoch 1", mininterval=0)
+    bar.update(3)
+    bar.refresh()
+    time.sleep(seconds)
+    bar.close()
+    return {"seconds": seconds, "test": {"agg_metrics": 1.0}, "entries": 1, "bytes": 1}
+
+
+def test_the_demo_prints_its_plan_then_where_each_running_stage_is(tmp_path):
+    """Before anything runs: every stage with its estimate (``reused`` for what exists);
+    while stages run: each one's time so far and its progress bar's position; the times
+    of stages that ran are kept for the next plan on this machine."""
+    import io
+
+    from lavis_dlip.demo import Progress, Stage, run_stages
+
+    stages = {("a", "teacher"): Stage(_busy_stage, (1.5,)), ("a", "cache"): Stage(_busy_stage, (0.1,), reused=True)}
+    logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
+    out, times = io.StringIO(), tmp_path / "times.json"
+    progress = Progress.plan(stages, 2, times, interval=0.3, stream=out)
+    plan = out.getvalue()
+    assert "2 stages, 2 at a time" in plan and "a cache" in plan and "reused" in plan
+    assert "a teacher                ~9.1 min" not in plan and "a teacher" in plan  # not a REFERENCE key: 1 min
+    run_stages(stages, logs, 2, progress)
+    status = [line for line in out.getvalue().splitlines() if line.startswith("[")]
+    assert any("a teacher 0." in line and "train epoch 1 75% (3/4)" in line and "min to go" in line
+               for line in status), out.getvalue()
+    assert json.loads(times.read_text()) == {"a teacher": 0.03}  # 1.5 s; the reused stage is not timed
+    again = io.StringIO()
+    Progress.plan(stages, 2, times, stream=again)
+    assert "from this machine's last run" in again.getvalue()

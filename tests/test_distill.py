@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import CONFIGS, check, output_dirs, read_metrics, run_cli
+from conftest import CONFIGS, check, output_dirs, read_metrics, run_main
 
 RECALLS = {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"}
 
@@ -18,7 +18,7 @@ RECALLS = {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"}
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory, demo_test_data):
     out = tmp_path_factory.mktemp("teacher")
-    check(run_cli("lavis_dlip.train", CONFIGS / "teacher_retrieval.yaml", f"run.output_dir={out}", cwd=out))
+    check(run_main("lavis_dlip.train", CONFIGS / "teacher_retrieval.yaml", f"run.output_dir={out}", cwd=out))
     return output_dirs(out)[0] / "checkpoint_best.pth"
 
 
@@ -37,7 +37,7 @@ def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path) -> Non
     assert set(state) - set(own) == {k for k in state if k.startswith("dlip_distill.")} != set()
     assert all(torch.equal(own[k], state[k]) for k in own)
 
-    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
+    again = run_main("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
                     extra=["--checkpoint", str(ckpt)])
     check(again)
     assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
@@ -45,7 +45,7 @@ def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path) -> Non
 
 def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoint):
     cfg = CONFIGS / "distill_retrieval.yaml"
-    check(run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run",
+    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run",
                   f"distill.teacher.checkpoint={teacher_checkpoint}", cwd=tmp_path))
     job = output_dirs(tmp_path / "run")[0]
     test = read_metrics(job)["test"]
@@ -71,7 +71,7 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
     """Captioning and VQA: distilled with their decoder terms, scored with LAVIS's
     metrics (COCO caption scores; VQA accuracy), reloaded for evaluation."""
     cfg = CONFIGS / f"{name}.yaml"
-    check(run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", cwd=tmp_path))
+    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", cwd=tmp_path))
     job = output_dirs(tmp_path / "run")[0]
     test = read_metrics(job)["test"]
     assert metrics <= set(test) and 0.0 < test["agg_metrics"]
@@ -141,6 +141,6 @@ def test_distill_pretrain_keeps_teacher_frozen_and_out_of_the_runner(tmp_path, d
     ("distill.terms.3.temperature=-1", r"distill.terms\[3\].temperature: must be > 0"),
 ])
 def test_distill_config_errors_name_the_key(tmp_path, demo_test_data, option, message):
-    proc = run_cli("lavis_dlip.train", CONFIGS / "distill_pretrain.yaml", option, cwd=tmp_path)
+    proc = run_main("lavis_dlip.train", CONFIGS / "distill_pretrain.yaml", option, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert pytest.importorskip("re").search(message, proc.stderr), proc.stderr[-2000:]

@@ -171,6 +171,52 @@ def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     assert embed(SimpleNamespace(image_feat=a), SimpleNamespace(image_feat=a)).item() == 0.0
 
 
+def _kl(teacher_row: list[float], student_row: list[float], t: float) -> float:
+    """KL(softmax(teacher / t) || softmax(student / t)) * t^2, by hand."""
+    def softmax(row):
+        e = [math.exp(x / t) for x in row]
+        return [x / sum(e) for x in e]
+    p, q = softmax(teacher_row), softmax(student_row)
+    return t * t * sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_kd_terms_on_asymmetric_hand_cases(pair):
+    """Cases a half-implemented term fails: an asymmetric teacher (ITC's text-to-image half
+    differs from its image-to-text half), temperatures other than 1 on both models, and
+    per-head attention with padding that changes the value."""
+    itc, itm, attn = terms([{"name": "itc_kd", "temperature": 2.0}, {"name": "itm_kd", "temperature": 3.0},
+                            {"name": "attention", "stream": "text", "heads": "matched", "layers": {0: 0}}], pair)
+    t_itc, s_itc = [[2.0, 0.0, -1.0], [1.0, 1.0, 0.5], [0.0, 3.0, 1.0]], [[0.5, 0.0, 0.0], [0.0, 1.0, 0.0],
+                                                                          [1.0, 0.0, -1.0]]
+    cols = lambda m: [list(c) for c in zip(*m)]  # noqa: E731
+    i2t = sum(_kl(a, b, 2.0) for a, b in zip(t_itc, s_itc)) / 3
+    t2i = sum(_kl(a, b, 2.0) for a, b in zip(cols(t_itc), cols(s_itc))) / 3
+    assert abs(i2t - t2i) > 0.05  # the case tells the two halves apart
+    got = itc(SimpleNamespace(itc_logits=torch.tensor(s_itc)), SimpleNamespace(itc_logits=torch.tensor(t_itc)))
+    assert got.item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
+
+    t_itm, s_itm = [[2.0, -1.0], [0.0, 3.0], [1.5, 1.0]], [[0.5, 0.0], [1.0, 2.0], [-1.0, 1.0]]
+    want = sum(_kl(a, b, 3.0) for a, b in zip(t_itm, s_itm)) / 3
+    assert abs(want - sum(_kl(a, b, 1.0) for a, b in zip(t_itm, s_itm)) / 3) > 0.05  # T matters here
+    got = itm(SimpleNamespace(itm_logits=lambda pairs: torch.tensor(s_itm)),
+              SimpleNamespace(itm_logits=lambda pairs: torch.tensor(t_itm)))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+    # attention [B=2, H=2, L=3, L=3]; sample 1's last token is padding: its query row is ignored
+    g = torch.Generator().manual_seed(3)
+    s_att = torch.softmax(torch.randn(2, 2, 3, 3, generator=g), -1)
+    t_att = torch.softmax(3 * torch.randn(2, 2, 3, 3, generator=g), -1)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    kept = [(b, h, q) for b in range(2) for h in range(2) for q in range(3) if mask[b, q]]
+    by_hand = sum(float((t_att[b, h, q] * (t_att[b, h, q] / s_att[b, h, q]).log()).sum())
+                  for b, h, q in kept) / len(kept)
+    everything = float((t_att * (t_att / s_att).log()).sum(-1).mean())
+    head_mean = float(prob_kl(s_att.mean(1, keepdim=True), t_att.mean(1, keepdim=True), mask[:, None, :]))
+    assert abs(by_hand - everything) > 0.01 and abs(by_hand - head_mean) > 0.01
+    got = attn(SimpleNamespace(layer=lambda *a: (s_att, mask)), SimpleNamespace(layer=lambda *a: (t_att, mask)))
+    assert got.item() == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_hidden_projects_when_widths_differ(pair):
     (hidden,) = terms([{"name": "hidden", "stream": "vision", "layers": {0: 2}}], pair)
     proj = hidden.proj["0"]
@@ -268,6 +314,35 @@ def test_itm_kd_on_mined_pairs_is_the_kl_of_both_models_on_the_teachers_pairs(pa
             teacher.replay(samples["image"], rec, distiller.needs, distiller.teacher_points)
     finally:
         student.train()
+
+
+def test_itm_kd_on_all_pairs_has_the_teacher_score_exactly_the_students_negatives(pair):
+    """``pairs: all``: the teacher's negative logits are its ITM head on the very (text,
+    image) pairs the student's hard-negative mining drew, computed here by hand."""
+    student, teacher = pair
+    (term,) = terms([{"name": "itm_kd", "pairs": "all"}], pair)
+    distiller = Distiller([term])
+    samples = batch()
+    torch.manual_seed(5)
+    with torch.no_grad(), Capture(student, distiller.student_points) as rec:
+        student(samples)
+    t = teacher.replay(samples["image"], rec, distiller.needs, distiller.teacher_points)
+    neg = rec.find("fusion", 1)  # LAVIS's negatives: 8 images with mined texts, 8 texts with mined images
+    pos = rec.find("fusion")
+    images = match_rows(neg.encoder_hidden_states, rec.image, "negatives")
+    texts = [next(j for j in range(8) if torch.equal(neg.input_ids[r], pos.input_ids[j])) for r in range(16)]
+    assert all(images[r] != texts[r] for r in range(16))  # each a pair of one image and another's caption
+    m = teacher.model
+    with torch.no_grad():
+        embeds = m.visual_encoder.forward_features(samples["image"])[images]
+        hidden = m.text_encoder(neg.input_ids, attention_mask=neg.attention_mask, encoder_hidden_states=embeds,
+                                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+                                return_dict=True).last_hidden_state
+        by_hand = m.itm_head(hidden[:, 0])
+    logits = t.itm_logits("all")
+    assert logits.shape == (24, 2)
+    torch.testing.assert_close(logits[8:], by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[:8], t.itm_logits("positives"))
 
 
 def test_teacher_replay_matches_the_teacher_run_by_hand(pair):

@@ -136,6 +136,49 @@ def test_teacher_reduced_magnitude_keeps_the_largest(wide_teacher):
     assert any(torch.equal(proj[:, c:c + 32], kept_head3) for c in (0, 32))
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_vit_heads_of_another_size_keep_the_same_heads_in_q_k_v_and_proj(tmp_path, criterion):
+    """Teacher ViT 96 wide with 3 heads of 32, student 48 wide with 2 heads of 24: each
+    student head is one whole teacher head, with the same 24 of its channels in the query,
+    key and value rows of ``qkv`` and in the columns of ``proj`` (slicing would mix heads and
+    the three projections). Head 2's value rows are scaled up, so both criteria pick it."""
+    from lavis_dlip.models.importance import calibration_data
+
+    from lavis_dlip.models.stand_ins import random_state
+
+    cls, cfg = _cfg("dlip_retrieval", vision={"width": 96, "heads": 3, "depth": 2})
+    teacher = cls.from_config(cfg)
+    t = random_state(teacher, seed=4)  # every value distinct, LayerNorm gains too: rows can be traced back
+    for b in range(2):
+        t[f"visual_encoder.blocks.{b}.attn.qkv.weight"][2 * 96 + 64:2 * 96 + 96] *= 10.0  # v of head 2
+    teacher.load_state_dict(t)
+    path = _save(teacher, cfg, tmp_path / "teacher.pth")
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 64, 64, generator=gen), "image_id": torch.arange(4),
+                "text_input": ["a red circle", "two blue squares", "a green triangle", "one yellow star"],
+                "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}]
+    scls, scfg = _cfg("dlip_retrieval", vision={"width": 48, "heads": 2},
+                      init={"teacher": path, "criterion": criterion, "vision": "teacher_reduced"})
+    with calibration_data(batches):
+        s = scls.from_config(scfg).state_dict()
+    idx = [int(i) for i in _rows(s["visual_encoder.norm.weight"][:, None], t["visual_encoder.norm.weight"][:, None])]
+    for b in range(2):
+        qkv_s, qkv_t = s[f"visual_encoder.blocks.{b}.attn.qkv.weight"], t[f"visual_encoder.blocks.{b}.attn.qkv.weight"]
+        parts = [_rows(qkv_s[k * 48:(k + 1) * 48], qkv_t[k * 96:(k + 1) * 96][:, idx]) for k in range(3)]
+        assert parts[0] == parts[1] == parts[2], (b, parts)  # the same channels in q, k and v
+        heads = [{r // 32 for r in parts[0][h * 24:(h + 1) * 24]} for h in range(2)]
+        assert all(len(h) == 1 for h in heads) and heads[0] != heads[1]  # each a whole teacher head
+        assert {2} in heads  # the scaled head was kept
+        proj = f"visual_encoder.blocks.{b}.attn.proj.weight"
+        assert torch.equal(s[proj], t[proj][idx][:, parts[0]])  # proj reads exactly those channels
+
+
+def _rows(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
+    """The teacher row equal to each student row (random values: each row is unique)."""
+    where = {tuple(r): i for i, r in enumerate(teacher.tolist())}
+    return [where[tuple(r)] for r in student.tolist()]
+
+
 def test_pretrained_text_from_minilm():
     from transformers import BertModel
 

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, check, output_dirs, read_metrics, run_cli
+from conftest import CONFIGS, check, output_dirs, read_metrics, run_main
 
 EPOCHS = "run.max_epoch=2"
 
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path, demo_test_data):
     cfg = CONFIGS / "retrieval.yaml"
-    full = run_cli("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={tmp_path}/full", cwd=tmp_path)
+    full = run_main("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={tmp_path}/full", cwd=tmp_path)
     check(full)
     expected = read_metrics(output_dirs(tmp_path / "full")[0])
 
@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, demo_test_data):
     records = latest.parent / "evaluate.txt"
     with open(records, "a") as f:
         f.write('{"written": "after the checkpoint, by the killed run"}\n')
-    resumed = run_cli("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={out}",
+    resumed = run_main("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={out}",
                       f"run.resume_ckpt_path={latest}", cwd=tmp_path)
     check(resumed)
     got = read_metrics(latest.parent)  # a resumed run continues in its checkpoint's directory
@@ -131,3 +131,57 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     assert min(faults() for _ in range(4)) < 1000  # glibc's heap settles after a first round or two
+
+
+def _interrupt_at(monkeypatch, sig: int, epoch: int, step: int) -> None:
+    """Send this process ``sig`` from inside the training step at ``(epoch, step)``: a
+    real signal, delivered mid-epoch where it would arrive from a scheduler or Ctrl-C."""
+    from lavis_dlip.runners.runner_dlip import RunnerDlip
+
+    real = RunnerDlip.train_step
+
+    def step_then_signal(self, model, samples):
+        if (samples["epoch"], samples["iters"]) == (epoch, step):
+            os.kill(os.getpid(), sig)
+        return real(self, model, samples)
+
+    monkeypatch.setattr(RunnerDlip, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("how", ["online", "cached"])
+def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, monkeypatch, capsys):
+    """A distillation run stopped mid-epoch (online: SIGINT; from a cache: SIGTERM) prints
+    where its checkpoint is and how to resume, in one line; resumed so, it ends with the
+    metrics.json of a run that was never stopped, bit for bit."""
+    from lavis_dlip import cli
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.datasets.demo_data import ensure
+    from lavis_dlip.train import main
+
+    cfg = str(CONFIGS / "distill_retrieval.yaml")
+    options = ["distill.teacher.load_weights=False", f"datasets.dlip_local_retrieval.base_dir={ensure('smoke')}",
+               EPOCHS, "run.valid_splits=[]"]
+    if how == "cached":
+        options.append(f"distill.cache={{dir: {tmp_path / 'cache'}, augmentations: 2, dtype: float32}}")
+        build_cache(cfg, options)
+    cli.run(cfg, [*options, f"run.output_dir={tmp_path / 'full'}"])
+    expected = read_metrics(output_dirs(tmp_path / "full")[0])
+    assert expected["test"]["r_mean"] > 0
+
+    sig, code, name = (signal.SIGINT, 130, "SIGINT") if how == "online" else (signal.SIGTERM, 143, "SIGTERM")
+    _interrupt_at(monkeypatch, sig, epoch=1, step=3)
+    capsys.readouterr()
+    assert main(["--cfg-path", cfg, "--options", *options, f"run.output_dir={tmp_path / 'stopped'}"]) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    job = output_dirs(tmp_path / "stopped")[0]
+    latest = job / "checkpoint_latest.pth"
+    assert lines[0] == (f"error: stopped by {name}; the last checkpoint is {latest} (epoch 0); "
+                        f"resume with --options run.resume_ckpt_path={latest}")
+    assert not (job / "metrics.json").exists()
+    monkeypatch.undo()
+
+    assert main(["--cfg-path", cfg, "--options", *options, f"run.output_dir={tmp_path / 'stopped'}",
+                 f"run.resume_ckpt_path={latest}"]) == 0
+    assert read_metrics(job) == expected  # bitwise: every recall

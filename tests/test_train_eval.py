@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import CONFIGS, check, output_dirs, read_metrics, run_cli
+from conftest import CONFIGS, check, output_dirs, read_metrics, run_main
 
 CASES = {
     # config, metric compared with the untrained model, metrics that must be reported
@@ -29,11 +29,11 @@ def test_train_beats_untrained_and_evaluate_reloads(tmp_path, demo_test_data, na
 
     # the before/after comparisons read one metric: captioning scores the rest (METEOR's Java) only once
     quick = ["run.caption_scorers=[Bleu,CIDEr]"] if name == "caption" else []
-    untrained = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/untrained", *quick, cwd=tmp_path)
+    untrained = run_main("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/untrained", *quick, cwd=tmp_path)
     check(untrained)
     before = read_metrics(output_dirs(tmp_path / "untrained")[0])["test"]
 
-    trained = run_cli("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/trained", *extra, cwd=tmp_path)
+    trained = run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/trained", *extra, cwd=tmp_path)
     check(trained)
     job = output_dirs(tmp_path / "trained")[0]
     after = read_metrics(job)["test"]
@@ -54,7 +54,7 @@ def test_train_beats_untrained_and_evaluate_reloads(tmp_path, demo_test_data, na
 
     # evaluate a checkpoint of that run: LAVIS's evaluation code, the same numbers
     best = job / ("checkpoint_best.pth" if (job / "checkpoint_best.pth").exists() else "checkpoint_latest.pth")
-    again = run_cli("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", *quick, cwd=tmp_path,
+    again = run_main("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", *quick, cwd=tmp_path,
                     extra=["--checkpoint", str(best)])
     check(again)
     assert read_metrics(output_dirs(tmp_path / "again")[0])["test"][metric] == pytest.approx(after[metric])

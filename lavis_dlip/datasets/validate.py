@@ -65,6 +65,40 @@ def check_records(records: Any, path: str, kind: str, split: str) -> None:
                 raise DataError(f"{path}: record {i} 'caption' must be a non-empty list of strings")
         if kind == "vqa" and split == "train" and not rec["answer"]:
             raise DataError(f"{path}: record {i} 'answer' is empty")
+    if kind in ("retrieval", "caption"):
+        (check_image_ids if split == "train" else check_unique_images)(records, path)
+
+
+def check_image_ids(records: Sequence[Mapping], path: str) -> None:
+    """One ``image_id`` per image and one image per ``image_id``: LAVIS's retrieval
+    training takes captions with the same id as one image's (ITC's positives, ITM's
+    excluded negatives), so ten images under id 0 would train as one."""
+    image_of: dict[Any, tuple[int, str]] = {}
+    id_of: dict[str, tuple[int, Any]] = {}
+    for i, rec in enumerate(records):
+        image, image_id = rec["image"], rec["image_id"]
+        if image_id in image_of and image_of[image_id][1] != image:
+            j, other = image_of[image_id]
+            raise DataError(f"{path}: records {j} and {i} give image_id {image_id!r} to two images ('{other}' and "
+                            f"'{image}'); an image_id names one image, whose captions are each other's positives: "
+                            f"give each image its own id")
+        if image in id_of and id_of[image][1] != image_id:
+            j, other = id_of[image]
+            raise DataError(f"{path}: records {j} and {i} give image '{image}' two image_ids ({other!r} and "
+                            f"{image_id!r}); its captions would be trained as each other's negatives: use one id")
+        image_of.setdefault(image_id, (i, image))
+        id_of.setdefault(image, (i, image_id))
+
+
+def check_unique_images(records: Sequence[Mapping], path: str) -> None:
+    """An eval record holds all of an image's captions: an image listed twice would
+    be scored as two images, each wrong for the other's captions."""
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        if rec["image"] in seen:
+            raise DataError(f"{path}: records {seen[rec['image']]} and {i} both list image '{rec['image']}'; "
+                            f"an eval record holds all of an image's captions: merge them into one record")
+        seen[rec["image"]] = i
 
 
 def check_images(records: Sequence[Mapping], path: str, image_root: str, verify: str = "header") -> None:

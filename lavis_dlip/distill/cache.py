@@ -388,6 +388,11 @@ class CacheReader:
         self.temp = float(manifest["temp"]) if manifest.get("temp") is not None else None
         self.online_fusion = "image_embeds" in manifest["fields"]
         self._open: dict[int, Any] = {}
+        for name, record in (manifest.get("chunks") or {}).items():  # sizes only: a stat per chunk
+            problem = chunk_problem(self.directory / name, record, full=False)
+            if problem:
+                raise CacheError(f"distill.cache: {self.directory / name} is damaged ({problem}); run "
+                                 f"{BUILD_COMMAND} again: it checks every chunk and rebuilds the broken ones")
 
     def entry(self, index: int, aug: int) -> dict[str, Any]:
         c = index // self.chunk
@@ -396,8 +401,8 @@ class CacheReader:
             try:
                 self._open[c] = load_chunk(str(path))
             except Exception as err:
-                raise CacheError(f"distill.cache: {path} cannot be read ({type(err).__name__}); "
-                                 f"delete it and run {BUILD_COMMAND} again to rebuild it") from None
+                raise CacheError(f"distill.cache: {path} cannot be read ({type(err).__name__}); run "
+                                 f"{BUILD_COMMAND} again: it checks every chunk and rebuilds the broken ones") from None
         return self._open[c][(index - c * self.chunk) * self.augmentations + aug]
 
     def collate(self, indices: list[int], augs: list[int]) -> dict[str, Any]:
@@ -589,18 +594,19 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
     manifest = {"version": VERSION, "key": dict(key), "fields": spec.fields, "chunk": chunk, "samples": n,
                 "augmentations": k_aug,
                 "temp": None if temp is None else float(temp.clamp(0.001, 0.5)), "complete": False}
+    chunks = range(math.ceil(n / chunk))
     if is_main_process():
         directory.mkdir(parents=True, exist_ok=True)
         existing = read_manifest(str(directory))
         if existing is not None:
             compare_keys(key, existing["key"], str(directory))
+            _drop_broken_chunks(directory, existing, chunks)
         else:
             _write_json(directory / MANIFEST, manifest)
     barrier()
     existing = read_manifest(str(directory))
     if existing.get("complete"):
         return existing["stats"]
-    chunks = range(math.ceil(n / chunk))
     todo = [c for c in chunks if c % get_world_size() == get_rank() and not (directory / chunk_name(c)).is_file()]
     student.eval()
     # The student's pass only shows which token ids the teacher reads. Its queue update
@@ -636,13 +642,61 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
         missing = [c for c in chunks if not (directory / chunk_name(c)).is_file()]
         if missing:
             raise CacheError(f"distill.cache: {len(missing)} chunks of {directory} are missing after the build")
-        size = sum((directory / chunk_name(c)).stat().st_size for c in chunks)
+        manifest["chunks"] = {chunk_name(c): chunk_record(directory / chunk_name(c)) for c in chunks}
+        size = sum(r["bytes"] for r in manifest["chunks"].values())
         manifest["stats"] = {"bytes": size, "bytes_per_entry": size / max(n * k_aug, 1), "entries": n * k_aug,
                              "build_s_this_run": round(time.time() - start, 1)}
         manifest["complete"] = True
         _write_json(directory / MANIFEST, manifest)
     barrier()
     return read_manifest(str(directory))["stats"]
+
+
+def chunk_record(path: Path) -> dict[str, Any]:
+    """What the manifest keeps of a written chunk, to find it damaged later."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(str(path))}
+
+
+def chunk_problem(path: Path, record: Optional[Mapping[str, Any]], full: bool = True) -> Optional[str]:
+    """Why a chunk cannot be used (missing, another size, another checksum, unreadable), or None.
+    ``record``: the manifest's (a finished cache); without one the chunk must load.
+    ``full``: compare checksums too (reading every byte), not only sizes."""
+    if not path.is_file():
+        return "missing"
+    if record is not None:
+        if path.stat().st_size != record["bytes"]:
+            return f"{path.stat().st_size} bytes, the manifest says {record['bytes']}"
+        if full and file_sha256(str(path)) != record["sha256"]:
+            return "its checksum differs from the manifest's"
+        return None
+    try:
+        load_chunk(str(path))
+    except Exception as err:
+        return f"unreadable ({type(err).__name__})"
+    return None
+
+
+def _drop_broken_chunks(directory: Path, manifest: dict[str, Any], chunks: range) -> None:
+    """Before a build over an existing cache: every chunk it holds is checked (against the
+    manifest's sizes and checksums when finished, by loading it when not); a broken one is
+    deleted, and the cache marked unfinished, so this build writes it again."""
+    records = manifest.get("chunks") if manifest.get("complete") else None
+    broken = {}
+    for c in chunks:
+        path = directory / chunk_name(c)
+        if records is None and not path.is_file():
+            continue  # not built yet
+        problem = chunk_problem(path, None if records is None else records.get(path.name))
+        if problem:
+            broken[path.name] = problem
+    if not broken:
+        return
+    print(f"teacher cache {directory}: rebuilding {len(broken)} broken chunk(s): "
+          + "; ".join(f"{k} ({v})" for k, v in sorted(broken.items())[:5]), flush=True)
+    for name in broken:
+        (directory / name).unlink(missing_ok=True)
+    manifest["complete"] = False
+    _write_json(directory / MANIFEST, manifest)
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -35,16 +35,31 @@ class Distiller(nn.Module):
              samples: dict, cache: Optional[CacheReader] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``model`` is what to call (the student, maybe DDP-wrapped); ``student`` the
         module itself; ``cache``: read the teacher's outputs instead of replaying it.
-        Returns the weighted loss and every term, unweighted."""
-        with Capture(student, self.student_points) as records:
-            output = model(samples)
-        s = BlipOutputs(student, records, output)
-        t = None
-        if self.uses_teacher and cache is not None:
-            t = cache.outputs(samples, records, teacher)
-        elif self.uses_teacher:
-            t = teacher.replay(samples["image"], records, self.needs, self.teacher_points,
-                               positives=positive_pairs(samples))
-        values = {term.key: term(s, t) for term in self.terms}
-        loss = sum(term.weight * values[term.key] for term in self.terms)
-        return loss, {f"loss_{k}": v for k, v in values.items()}
+        Returns the weighted loss and every term, unweighted.
+
+        The whole step runs as the student's forward, inside ``model(samples)``: under DDP
+        the terms' projections are then in the graph of the forward's output, which
+        ``find_unused_parameters`` searches (computed after the forward, they would be taken
+        for unused and then receive gradients: "marked ready twice")."""
+        lavis_forward = student.forward
+
+        def forward(batch: dict) -> dict[str, torch.Tensor]:
+            with Capture(student, self.student_points) as records:
+                output = lavis_forward(batch)
+            s = BlipOutputs(student, records, output)
+            t = None
+            if self.uses_teacher and cache is not None:
+                t = cache.outputs(batch, records, teacher)
+            elif self.uses_teacher:
+                t = teacher.replay(batch["image"], records, self.needs, self.teacher_points,
+                                   positives=positive_pairs(batch))
+            values = {term.key: term(s, t) for term in self.terms}
+            loss = sum(term.weight * values[term.key] for term in self.terms)
+            return {"loss": loss, **{f"loss_{k}": v for k, v in values.items()}}
+
+        student.forward = forward  # this call only: the instance attribute shadows the class's forward
+        try:
+            out = model(samples)
+        finally:
+            del student.forward
+        return out.pop("loss"), out

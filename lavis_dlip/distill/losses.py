@@ -496,6 +496,10 @@ def validate_terms(specs: Any) -> None:
         if spec["name"] not in TERMS:
             raise ConfigError(f"{where}.name: '{spec['name']}' is not a loss term; known: {', '.join(TERMS)}")
         check_keys(spec, COMMON + TERMS[spec["name"]].KEYS, where)
+    weights = [_number(spec.get("weight", 1.0), f"distill.terms[{n}].weight") for n, spec in enumerate(specs)]
+    if not any(weights):
+        raise ConfigError("distill.terms: every term has weight 0, so the loss is 0 and nothing trains; "
+                          "give at least one term a weight > 0")
 
 
 def build_terms(specs: Any, student: nn.Module, teacher: nn.Module) -> list[LossTerm]:

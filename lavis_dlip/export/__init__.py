@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from lavis_dlip.errors import ConfigError
 
 FORMATS = ("onnx", "hf")
 
@@ -26,16 +29,16 @@ FORMATS = ("onnx", "hf")
 def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence[str] = (),
            check: bool = True) -> dict[str, Any]:
     """Export and (``check``) compare with the PyTorch model; what was written and measured."""
-    from lavis_dlip.errors import ConfigError
     from lavis_dlip.export import hf, onnx
     from lavis_dlip.models.sources import trained_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    target = Path(out)
+    check_target(target)
     start = time.time()
     model, _ = trained_model(cfg_path, checkpoint, options)
     kind = hf.kind_of(model)
-    target = Path(out)
     tmp = target.with_name(target.name + ".tmp")  # a failed export leaves no half-written directory
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -63,8 +66,26 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
         raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    (target / "dlip_export.json").write_text(json.dumps(info, indent=2))
+    (target / RECORD).write_text(json.dumps(info, indent=2))
     return info
+
+
+RECORD = "dlip_export.json"  # written last into every export: what makes a directory one of ours to replace
+
+
+def check_target(target: Path) -> None:
+    """``--out`` before any work: a directory to create, or an earlier export to replace;
+    never a file or a directory of something else (replacing it would delete it)."""
+    if target.is_file() or (target.exists() and not target.is_dir()):
+        raise ConfigError(f"--out {target} is a file; give a directory to write the export into")
+    if target.is_dir() and any(target.iterdir()) and not (target / RECORD).is_file():
+        raise ConfigError(f"--out {target} is a directory that holds something other than an export (no {RECORD}); "
+                          f"give a new or empty directory, or an earlier export's to replace it")
+    parent = target.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {target}: cannot write in {parent}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cfg-path", required=True, help="the run yaml the model was trained with")
     parser.add_argument("--checkpoint", required=True, help="its weights (a runner checkpoint or a state dict)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="directory to write (replaced)")
+    parser.add_argument("--out", required=True, help="directory to write (an earlier export there is replaced)")
     parser.add_argument("--options", nargs="+", default=[], help="key=value overrides of the yaml")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the PyTorch model")
     args = parser.parse_args(argv)

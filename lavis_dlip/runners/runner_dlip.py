@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,15 +51,17 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from lavis_dlip import compat
-from lavis_dlip.errors import CheckpointError, ConfigError
+from lavis_dlip.errors import CheckpointError, ConfigError, RunStopped
 from lavis_dlip.models.base import fitting_state
 from lavis_dlip import checkpoint as ckpt
+from lavis_dlip.runs import claim_job_dir
 
 logger = logging.getLogger(__name__)
 
 LATEST = "checkpoint_latest.pth"
 BEST = "checkpoint_best.pth"
 RECORDS = ("evaluate.txt",)  # one line per evaluation, appended by LAVIS's tasks
+NON_FINITE = re.compile(r"\b(inf|nan)\b", re.IGNORECASE)  # how torch's errors say a tensor overflowed
 
 
 def barrier() -> None:
@@ -110,6 +113,7 @@ class RunnerDlip(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         self.best_agg_metric = -math.inf
         self.best_epoch: Optional[int] = None
+        self.last_checkpoint: Optional[tuple[str, int]] = None  # (path, epoch) of the newest checkpoint_latest.pth
         self._train_generator = torch.Generator()
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
         self._check_queue_size()
@@ -220,21 +224,36 @@ class RunnerDlip(RunnerBase):
         return bool(self.config.run_cfg.get("progress", True)) and is_main_process()
 
     def setup_output_dir(self) -> None:
+        """Where the run will write; nothing is created until ``_open_output_dir``."""
         run_cfg = self.config.run_cfg
         resume = run_cfg.get("resume_ckpt_path")
-        if resume and os.path.isfile(resume) and not run_cfg.get("evaluate", False):
+        self._resumed_dir = bool(resume and os.path.isfile(resume) and not run_cfg.get("evaluate", False))
+        if self._resumed_dir:
             output_dir = Path(resume).resolve().parent  # keep one run's files together
         else:
             base = Path(os.path.expanduser(str(run_cfg.output_dir)))
-            if not base.is_absolute():
-                base = Path.cwd() / base
-            output_dir = base / self.job_id
-        result_dir = output_dir / "result"  # created by _open_output_dir, when something is written
+            output_dir = (base if base.is_absolute() else Path.cwd() / base) / self.job_id
+        self._set_output_dir(output_dir)
+        self._claimed = False
+
+    def _set_output_dir(self, output_dir: Path) -> None:
+        result_dir = output_dir / "result"
         compat.register_path("result_dir", str(result_dir))
         compat.register_path("output_dir", str(output_dir))
         self.output_dir, self.result_dir = output_dir, result_dir
 
     def _open_output_dir(self) -> None:
+        """Claim the job directory (``runs.claim_job_dir``: a run started in the same
+        second as another gets its own) on the main process; every rank uses its name."""
+        if not self._claimed:
+            if not self._resumed_dir:
+                claimed = [None]
+                if is_main_process():
+                    claimed = [str(claim_job_dir(self.output_dir.parent, self.job_id))]
+                if is_dist_avail_and_initialized():
+                    dist.broadcast_object_list(claimed, src=0)
+                self._set_output_dir(Path(claimed[0]))
+            self._claimed = True
         self.result_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_queue_size(self) -> None:
@@ -292,16 +311,17 @@ class RunnerDlip(RunnerBase):
         resume = None if self.evaluate_only else self.resume_ckpt_path
         if resume:
             self._load_checkpoint(resume)  # before anything is written: a bad checkpoint leaves no trace
+        if not self.evaluate_only and len(self.train_loader) == 0:
+            raise ConfigError(
+                f"the train split has fewer records ({len(self.train_loader.dataset)}) than "
+                f"run.batch_size_train x processes ({self.config.run_cfg.batch_size_train} x {get_world_size()}); "
+                f"nothing to train on"
+            )
         self._open_output_dir()
         self.log_config()
         self.log_stats({"world_size": get_world_size(), "device": str(self.device)}, "run")
         if resume:
             self.log_stats({"from": str(resume), "start_epoch": self.start_epoch}, "resume")
-        if not self.evaluate_only and len(self.train_loader) == 0:
-            raise ConfigError(
-                f"the train split has fewer records ({len(self.train_loader.dataset)}) than "
-                f"run.batch_size_train x processes; nothing to train on"
-            )
 
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
@@ -325,6 +345,7 @@ class RunnerDlip(RunnerBase):
                 break
             self._save_checkpoint(cur_epoch, is_best=False)
             barrier()
+            self.last_checkpoint = (str(self.output_dir / LATEST), cur_epoch)
 
         has_best = self.best_epoch is not None and not self.evaluate_only
         test_logs = self.evaluate(
@@ -352,8 +373,17 @@ class RunnerDlip(RunnerBase):
             samples = self._to_device(samples)
             samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
             self._step_lr(epoch, i)
-            with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
-                loss, terms = self.train_step(model, samples)
+            try:
+                with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
+                    loss, terms = self.train_step(model, samples)
+            except (RuntimeError, ValueError) as err:  # e.g. LAVIS's ITM sampling (multinomial) on NaN similarities
+                if not _finite(model):
+                    raise self._diverged(epoch, i, "the model's weights are no longer finite") from err
+                if NON_FINITE.search(str(err)):
+                    raise self._diverged(epoch, i, f"the forward pass met inf or nan ({ckpt.first_line(err)})") from err
+                raise
+            if not torch.isfinite(loss):  # before backward: a NaN step must not reach the weights
+                raise self._diverged(epoch, i, f"the loss is {loss.item()}")
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.use_amp else scaled).backward()
             if (i + 1) % accum == 0 or i + 1 == n_iters:
@@ -363,8 +393,6 @@ class RunnerDlip(RunnerBase):
                 else:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {i}; lower run.init_lr?")
             for k, v in terms.items():
                 sums[k] += float(v)
             seen += _batch_size(samples)
@@ -381,6 +409,12 @@ class RunnerDlip(RunnerBase):
         averages["samples_per_s"] = seen * get_world_size() / max(time.time() - t0, 1e-9)
         logger.info("epoch %d: %s", epoch, averages)
         return {k: f"{v:.4f}" for k, v in averages.items()}
+
+    def _diverged(self, epoch: int, step: int, what: str) -> RunStopped:
+        last = (f"the last good checkpoint is {self.last_checkpoint[0]} (epoch {self.last_checkpoint[1]})"
+                if self.last_checkpoint else "no epoch finished, so no checkpoint was written")
+        return RunStopped(f"training diverged at epoch {epoch}, step {step}: {what}; lower run.init_lr "
+                          f"(now {self.config.run_cfg.init_lr}) or raise run.warmup_steps; {last}")
 
     def train_step(self, model, samples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task's training step, plus every loss term the model reports.
@@ -476,10 +510,29 @@ class RunnerDlip(RunnerBase):
         if not is_best and not self.valid_splits:
             names.append(f"checkpoint_{cur_epoch}.pth")  # LAVIS keeps one per epoch without validation
         first = self.output_dir / names[0]
-        ckpt.atomic_save(state, str(first))
+        try:
+            ckpt.atomic_save(state, str(first))
+        except RunStopped as err:  # the disk is full: say how to go on
+            resume = (f"; free space and resume with --options run.resume_ckpt_path={self.last_checkpoint[0]}"
+                      if self.last_checkpoint else "")
+            raise RunStopped(f"{err}{resume}") from None
         for name in names[1:]:  # the same bytes under another name: written once, stored once
             ckpt.atomic_link(str(first), str(self.output_dir / name))
+        if not is_best:
+            self._drop_old_epochs()
         logger.info("saved %s in %s (epoch %d)", ", ".join(names), self.output_dir, cur_epoch)
+
+    def _drop_old_epochs(self) -> None:
+        """``run.keep_checkpoints: N`` keeps the newest N per-epoch checkpoints
+        (``checkpoint_<epoch>.pth``; HF Trainer's ``save_total_limit``); the latest and
+        the best are kept whatever N is. Unset: every epoch's, as LAVIS keeps them."""
+        keep = self.config.run_cfg.get("keep_checkpoints")
+        if keep is None:
+            return
+        epochs = sorted((int(m.group(1)), p) for p in self.output_dir.glob("checkpoint_*.pth")
+                        if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name)))
+        for _, path in epochs[:max(len(epochs) - int(keep), 0)]:
+            path.unlink()
 
     def _reload_best_model(self, model):
         path = self.output_dir / BEST
@@ -504,6 +557,7 @@ class RunnerDlip(RunnerBase):
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
+        self.last_checkpoint = (str(url_or_filename), int(state["epoch"]))
         self.best_agg_metric = state.get("best_agg_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
         if is_main_process():
@@ -518,6 +572,10 @@ class RunnerDlip(RunnerBase):
             logger.warning("checkpoint has RNG states for %d processes, this run has %d: "
                            "the resumed run will not be bit-identical", len(rngs), get_world_size())
         logger.info("resumed from %s at epoch %d", url_or_filename, self.start_epoch)
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _loss_terms(output) -> dict[str, torch.Tensor]:
