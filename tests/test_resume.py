@@ -170,8 +170,12 @@ def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, mo
 
     sig, code, name = (signal.SIGINT, 130, "SIGINT") if how == "online" else (signal.SIGTERM, 143, "SIGTERM")
     _interrupt_at(monkeypatch, sig, epoch=1, step=3)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore SIGINT
     capsys.readouterr()
-    assert main(["--cfg-path", cfg, "--options", *options, f"run.output_dir={tmp_path / 'stopped'}"]) == code
+    try:
+        assert main(["--cfg-path", cfg, "--options", *options, f"run.output_dir={tmp_path / 'stopped'}"]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
