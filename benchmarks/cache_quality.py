@@ -24,11 +24,12 @@ OUT = REPO / "docs" / "benchmarks" / "cache_quality"
 
 
 def run_task(task: str, seeds: list[int], out: Path) -> dict:
-    from lavis_dlip import demo
+    from lavis_dlip import demo, teachers
     from lavis_dlip.datasets.demo_data import ensure
 
     cfg = demo.DEMO_DIR / f"distill_{task}.yaml"
-    teacher = demo.train_or_reuse_teacher(demo.DEMO_DIR / f"teacher_{task}.yaml", ensure("demo"), out / "teacher", [])
+    teacher = teachers.train_or_reuse_teacher(demo.DEMO_DIR / f"teacher_{task}.yaml", ensure("demo"),
+                                              out / "teacher", [])
     ckpt = teacher["checkpoint"]
     opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}"]
     cache = demo.build_or_reuse_cache(cfg, ckpt.parent, opts)

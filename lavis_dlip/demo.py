@@ -26,16 +26,16 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from lavis_dlip.stages import Progress, Stage, run_stages
+from lavis_dlip.teachers import drop_earlier_runs, job_dir, teacher_cache, teacher_root, trained_checkpoint, \
+    train_or_reuse_teacher
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "dlip" / "demo"
-ENV_CACHE = "LAVIS_DLIP_TEACHER_CACHE"
 RECALLS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
 # task: (dataset in its yaml, headline score, how the metrics are shown)
 TASKS = {
@@ -45,68 +45,6 @@ TASKS = {
 }
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Path:
-    """Where a trained demo teacher is kept: keyed by its yaml, the data and the options."""
-    key = hashlib.sha256(b"\n".join([cfg_path.read_bytes(), data_dir.name.encode(), *map(str.encode, options)]))
-    key = key.hexdigest()[:10]
-    return teacher_root() / f"{cfg_path.stem}-{key}"
-
-
-def teacher_root() -> Path:
-    """Where the demo keeps what it reuses: trained teachers, their caches, stage times."""
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
-
-
-def drop_earlier_runs(stage_dir: Path) -> None:
-    """The run directories (``runs.is_job_id``) of a stage's earlier demo runs: each left
-    every epoch's checkpoint (0.07-0.5 GB a stage), and the demo reads only its latest.
-    A teacher's stored checkpoint is a hard link or a copy, so it stays."""
-    from lavis_dlip.runs import is_job_id
-
-    if stage_dir.is_dir():
-        for job in stage_dir.iterdir():
-            if job.is_dir() and is_job_id(job.name):
-                shutil.rmtree(job, ignore_errors=True)
-
-
-def _job_dir(root: Path) -> Path:
-    return max((p.parent for p in root.rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
-
-
-def _trained(job: Path) -> Path:
-    """The checkpoint a run tested: the best by validation, else its last epoch's."""
-    best = job / "checkpoint_best.pth"
-    return best if best.is_file() else job / "checkpoint_latest.pth"
-
-
-def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
-    """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
-    from lavis_dlip.checkpoint import atomic_link
-    from lavis_dlip.cli import run
-
-    cache = teacher_cache(cfg_path, data_dir, options)
-    ckpt, metrics = cache / "checkpoint.pth", cache / "metrics.json"
-    if ckpt.is_file() and metrics.is_file():
-        logger.info("reusing the demo teacher in %s (delete it to retrain)", cache)
-        record = json.loads(metrics.read_text())
-        return {"checkpoint": ckpt, "test": record["test"], "seconds": 0.0, "cached": True,
-                "trained_s": record.get("seconds")}
-    drop_earlier_runs(output_dir)
-    t0 = time.time()
-    run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
-    seconds = time.time() - t0
-    job = _job_dir(output_dir)
-    record = json.loads((job / "metrics.json").read_text())
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_link(str(_trained(job)), str(tmp / "checkpoint.pth"))  # a link: the run's file is not stored twice
-    (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.rename(cache)  # complete or absent, never half written
-    return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}
 
 
 def cache_dir(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> Path:
@@ -143,8 +81,8 @@ def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> d
     drop_earlier_runs(output_dir)
     t0 = time.time()
     metrics = run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
-    job = _job_dir(output_dir)
-    return {"checkpoint": _trained(job), "test": metrics.get("test", {}), "seconds": time.time() - t0}
+    job = job_dir(output_dir)
+    return {"checkpoint": trained_checkpoint(job), "test": metrics.get("test", {}), "seconds": time.time() - t0}
 
 
 def load_trained(cfg_path: Path, checkpoint: Path):
@@ -187,15 +125,6 @@ def shown(task: str, metrics: dict) -> str:
 STAGES = ("teacher", "cache", "distilled", "not distilled")  # a stage reads only the stages before it
 
 
-class Stage(NamedTuple):
-    """One run of the demo: ``fn(*args)`` once the stages named in ``after`` are done;
-    ``reused``: what it makes exists already (a trained teacher, a built cache)."""
-    fn: Callable[..., dict]
-    args: tuple
-    after: tuple[str, ...] = ()
-    reused: bool = False
-
-
 def stage_cfgs(task: str) -> dict[str, Path]:
     return {stage: DEMO_DIR / f"{stage}_{task}.yaml" for stage in ("teacher", "distill", "student")}
 
@@ -223,42 +152,8 @@ def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dic
     }
 
 
-def _in_worker(stage: Stage, log: Path, threads: int) -> dict:
-    """A stage in a pool process: its own share of the CPU threads, its console output
-    in ``log`` (two runs' progress bars would interleave): the process's stdout and
-    stderr, at the file descriptors (C code) and in Python (``sys.stdout``,
-    ``sys.stderr`` and the logging handlers that write to them)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
-    root = logging.getLogger()
-    console = {h: h.stream for h in root.handlers if type(h) is logging.StreamHandler and h.stream in saved_streams}
-    with open(log, "w", buffering=1) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        sys.stdout = sys.stderr = f
-        for handler in console:
-            handler.setStream(f)
-        try:
-            return {**stage.fn(*stage.args), "log": str(log)}
-        except BaseException:
-            traceback.print_exc()  # into the log, where the stage's own output ends
-            raise
-        finally:  # every handler on the log back to the console, also those the stage made (LAVIS's
-            for handler in root.handlers:  # setup_logger): the next stage here redirects them again
-                if type(handler) is logging.StreamHandler and handler.stream is f:
-                    handler.setStream(console.get(handler, saved_streams[1]))
-            sys.stdout, sys.stderr = saved_streams
-            for fd, saved in zip((1, 2), saved_fds):
-                os.dup2(saved, fd)
-                os.close(saved)
-
-
-def _done_line(task: str, name: str, result: dict) -> str:
+def _done_line(key: tuple[str, str], result: dict) -> str:
+    task, name = key
     if name == "cache":
         what = f"{result['entries']} entries, {result['bytes'] / 2**20:.1f} MiB"
     else:
@@ -266,72 +161,6 @@ def _done_line(task: str, name: str, result: dict) -> str:
     reused = ", reused" if result.get("cached") else ""
     log = f"; log {result['log']}" if "log" in result else ""
     return f"{task} {name}: {what} ({result['seconds'] / 60:.1f} min{reused}{log})"
-
-
-def run_stages(stages: dict[tuple[str, str], Stage], logs: dict[tuple[str, str], Path],
-               parallel: int, progress: Optional[Progress] = None) -> dict[tuple[str, str], dict]:
-    """Every ``(task, stage)``, each as soon as the stages of its task that it reads are
-    done; among those ready, the first in ``stages``' order. ``parallel`` run at once in
-    pool processes with an equal share of the CPU threads each, their console output in
-    ``logs``; 1: one after the other in this process. On 2 cores two single-threaded runs
-    finish sooner than one two-threaded run after the other (measured: the retrieval
-    teacher's step took 2.23-2.36 s beside another run, 1.35 s alone with 2 threads; the
-    two captioning students 108 s against 139 s), so the teachers train beside the
-    students that need none. ``progress`` reports, while stages run, where each one is."""
-    import concurrent.futures
-    import multiprocessing
-
-    import torch
-
-    for (task, name), stage in stages.items():
-        missing = [a for a in stage.after if (task, a) not in stages]
-        if missing:
-            raise ValueError(f"demo stage '{task} {name}' reads {missing}, which no stage makes")
-    waiting, running, done = dict(stages), {}, {}
-
-    def ready() -> list[tuple[str, str]]:
-        return [key for key, stage in waiting.items() if all((key[0], a) in done for a in stage.after)]
-
-    def finished(key: tuple[str, str], result: dict) -> None:
-        done[key] = result
-        if progress is not None:
-            progress.clear()
-            progress.done(key, result["seconds"])
-        print(_done_line(*key, result), flush=True)
-
-    if parallel <= 1:
-        while waiting:
-            key = ready()[0]
-            stage = waiting.pop(key)
-            finished(key, stage.fn(*stage.args))
-        return done
-    threads = max(1, torch.get_num_threads() // parallel)
-    logger.info("running %d stages, %d at a time with %d thread(s) each; their output goes to <stage>.log",
-                len(stages), parallel, threads)
-    # fork: the workers start with lavis_dlip imported (a fresh interpreter takes ~8 s to import it)
-    pool = concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("fork"))
-    try:
-        while waiting or running:
-            for key in ready()[:parallel - len(running)]:
-                running[pool.submit(_in_worker, waiting.pop(key), logs[key], threads)] = key
-                if progress is not None:
-                    progress.started(key)
-            if not running:
-                raise ValueError(f"demo stages that wait on each other: {sorted(waiting)}")
-            ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED,
-                                               timeout=None if progress is None else progress.interval)
-            if not ended:
-                progress.report({key: logs[key] for key in running.values()}, list(waiting))
-            for future in ended:
-                key = running.pop(future)
-                try:
-                    result = future.result()
-                except Exception as exc:
-                    raise RuntimeError(f"demo stage '{' '.join(key)}' failed; its output: {logs[key]}") from exc
-                finished(key, result)
-    finally:  # on a failure, start nothing more; the stage still running finishes its own run
-        pool.shutdown(wait=not waiting and not running, cancel_futures=True)
-    return done
 
 
 # Minutes each stage took in a fresh `make demo` on this project's machines (2 cores, two
@@ -342,101 +171,6 @@ REFERENCE_MINUTES = {
     ("retrieval", "distilled"): 2.2, ("caption", "distilled"): 1.9, ("vqa", "distilled"): 1.3,
     ("retrieval", "not distilled"): 1.9, ("caption", "not distilled"): 1.6, ("vqa", "not distilled"): 1.0,
 }
-TQDM = re.compile(r"([A-Za-z][\w ]*?):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
-
-
-def stage_progress(log: Path) -> str:
-    """Where a running stage is, from the last progress bar in its log: ``train epoch 1 45% (28/62)``."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    found = TQDM.findall(tail)
-    if not found:
-        return ""
-    desc, pct, n, total = found[-1]
-    return f"{desc} {pct}% ({n}/{total})"
-
-
-class Progress:
-    """The demo's plan and its progress: an estimate of each stage (this machine's last
-    measured time, kept in ``times_file``, else ``REFERENCE_MINUTES``; 0 when it is reused),
-    printed before anything runs, then a status line every ``interval`` seconds."""
-
-    def __init__(self, estimates: dict[tuple[str, str], float], parallel: int, times_file: Optional[Path],
-                 interval: float = 30.0, stream=None):
-        self.estimates, self.parallel, self.times_file, self.interval = estimates, parallel, times_file, interval
-        self.stream = stream or sys.stdout
-        self.start, self.starts = time.time(), {}
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._shown = False
-
-    @staticmethod
-    def load(times_file: Optional[Path]) -> dict[str, float]:
-        try:
-            return json.loads(times_file.read_text()) if times_file is not None else {}
-        except (OSError, ValueError):
-            return {}
-
-    @classmethod
-    def plan(cls, stages: dict[tuple[str, str], Stage], parallel: int, times_file: Optional[Path],
-             **kwargs) -> Progress:
-        measured = cls.load(times_file)
-        reused = {key for key, stage in stages.items() if stage.reused}
-        estimates = {key: 0.0 if key in reused else 60.0 * measured.get(" ".join(key), REFERENCE_MINUTES.get(key, 1.0))
-                     for key in stages}
-        progress = cls(estimates, parallel, times_file, **kwargs)
-        source = "this machine's last run" if measured else "a fresh run on 2 cores"
-        lines = [f"lavis-dlip demo: {len(stages)} stages, {parallel} at a time; about "
-                 f"{progress.remaining(set(stages)) / 60:.0f} min (estimates from {source}):"]
-        for key in stages:
-            what = "reused" if key in reused else f"~{estimates[key] / 60:.1f} min"
-            lines.append(f"  {' '.join(key):<24} {what}")
-        print("\n".join(lines), file=progress.stream, flush=True)
-        return progress
-
-    def remaining(self, keys) -> float:
-        """Seconds to go for ``keys`` (waiting or running), shared by the parallel slots."""
-        now = time.time()
-        left = [max(self.estimates[k] - (now - self.starts[k] if k in self.starts else 0.0), 0.0) for k in keys]
-        return max(sum(left) / self.parallel, max(left, default=0.0))
-
-    def started(self, key: tuple[str, str]) -> None:
-        self.starts[key] = time.time()
-
-    def done(self, key: tuple[str, str], seconds: float) -> None:
-        """Keep what a stage that really ran took, for the next plan on this machine."""
-        self.starts.pop(key, None)
-        if self.times_file is None or self.estimates.get(key) == 0.0 or seconds <= 0:
-            return
-        times = self.load(self.times_file)
-        times[" ".join(key)] = round(seconds / 60, 2)
-        self.times_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.times_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
-        os.replace(tmp, self.times_file)
-
-    def report(self, running: dict[tuple[str, str], Path], waiting: list[tuple[str, str]]) -> None:
-        now = time.time()
-        parts = []
-        for key, log in running.items():
-            where = stage_progress(log)
-            parts.append(f"{' '.join(key)} {(now - self.starts[key]) / 60:.1f}/{self.estimates[key] / 60:.1f} min"
-                         + (f", {where}" if where else ""))
-        line = (f"[{(now - self.start) / 60:.1f} min] " + "; ".join(parts)
-                + f"; {len(waiting)} waiting; about {self.remaining([*running, *waiting]) / 60:.0f} min to go")
-        if self.tty:  # one line, rewritten
-            print("\r" + line[:200].ljust(200), end="", file=self.stream, flush=True)
-            self._shown = True
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def clear(self) -> None:
-        if self._shown:
-            print("\r" + " " * 200 + "\r", end="", file=self.stream, flush=True)
-            self._shown = False
 
 
 def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
@@ -489,7 +223,8 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     stages = {(task, name): per_task[task][name] for task, name in order}
     logs = {(task, name): out / task / f"{name.replace(' ', '_')}.log" for task, name in stages}
     times = teacher_root() / "stage_times.json" if data_preset == "demo" else None
-    results = run_stages(stages, logs, parallel, Progress.plan(stages, parallel, times, interval=progress_s))
+    progress = Progress.plan("lavis-dlip demo", stages, parallel, times, REFERENCE_MINUTES, interval=progress_s)
+    results = run_stages(stages, logs, parallel, progress, describe=_done_line)
     rows = []
     for task in tasks:
         rows += task_rows(task, {name: results[(task, name)] for name in STAGES}, repeats)

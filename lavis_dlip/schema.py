@@ -105,6 +105,7 @@ RUN_KEYS: dict[str, Key] = {
     "num_captions": POSITIVE_INT, "num_captions_fid": POSITIVE_INT, "num_patches": POSITIVE_INT,
     "block_num": Key("int"),
     "caption_scorers": Key("list"),  # tasks/captioning.py
+    "item_scores": FLAG,  # tasks/items.py: per-item test scores for lavis_dlip.study
 }
 
 # LAVIS's BaseDatasetBuilder config keys; a builder's own yaml may add more.

@@ -12,12 +12,12 @@ import pytest
 
 
 def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, capsys):
-    from lavis_dlip import demo
+    from lavis_dlip import demo, teachers
     from lavis_dlip.datasets.demo_data import ensure
 
     data = ensure("smoke")  # the demo's stages on the least data: what is tested is the job, not learning
 
-    monkeypatch.setenv(demo.ENV_CACHE, str(tmp_path / "teachers"))
+    monkeypatch.setenv(teachers.ENV_CACHE, str(tmp_path / "teachers"))
     monkeypatch.chdir(tmp_path)
     options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5"]
     first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke")
@@ -77,7 +77,7 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
 
     # a second run reuses the cached teacher (same yaml, data and options): nothing is trained
     opts = [f"datasets.dlip_local_vqa.base_dir={data}", *options]
-    again = demo.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", data, tmp_path / "out2", opts)
+    again = teachers.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", data, tmp_path / "out2", opts)
     vqa_teacher = next(r for r in first["rows"] if r["task"] == "vqa" and r["model"] == "teacher")
     assert again["cached"] and again["seconds"] == 0.0 and not (tmp_path / "out2").exists()
     assert demo.score("vqa", again["test"]) == pytest.approx(vqa_teacher["score"])
@@ -94,7 +94,7 @@ def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
     the next run of that stage removes the earlier ones (runner job ids only), and a
     teacher checkpoint stored by hard link from one of them stays readable."""
     from lavis_dlip.checkpoint import atomic_link
-    from lavis_dlip.demo import drop_earlier_runs
+    from lavis_dlip.teachers import drop_earlier_runs
 
     stage = tmp_path / "vqa" / "teacher"
     for job in ("20261126173642", "20261126180000"):
@@ -140,7 +140,7 @@ def test_demo_stages_start_once_what_they_read_is_done(tmp_path, parallel, capsy
     """``run_stages``: a stage starts only after the stages of its task that it reads
     have ended, whatever their order; with 2 at a time, two ready stages run side by
     side (``a teacher`` returns only once ``b not distilled`` has started)."""
-    from lavis_dlip.demo import Stage, run_stages
+    from lavis_dlip.stages import Stage, run_stages
 
     events = str(tmp_path / "events")
     stages = {
@@ -151,7 +151,9 @@ def test_demo_stages_start_once_what_they_read_is_done(tmp_path, parallel, capsy
         ("b", "not distilled"): Stage(_stage, (events, "b not distilled")),
     }
     logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
-    done = run_stages(stages, logs, parallel)
+    from lavis_dlip.demo import _done_line
+
+    done = run_stages(stages, logs, parallel, describe=_done_line)
     assert set(done) == set(stages)
     lines = Path(events).read_text().splitlines()
     assert sorted(lines) == sorted(f"{e} {' '.join(k)}" for k in stages for e in ("start", "end"))
@@ -167,13 +169,13 @@ def test_demo_stages_start_once_what_they_read_is_done(tmp_path, parallel, capsy
 
 
 def test_a_failed_demo_stage_stops_what_reads_it_and_names_its_log(tmp_path):
-    from lavis_dlip.demo import Stage, run_stages
+    from lavis_dlip.stages import Stage, run_stages
 
     events = str(tmp_path / "events")
     stages = {("a", "teacher"): Stage(_stage, (events, "a teacher", "", True)),
               ("a", "cache"): Stage(_stage, (events, "a cache"), ("teacher",))}
     logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
-    with pytest.raises(RuntimeError, match="demo stage 'a teacher' failed; its output: .*a teacher.log"):
+    with pytest.raises(RuntimeError, match="stage 'a teacher' failed; its output: .*a teacher.log"):
         run_stages(stages, logs, 2)
     assert "a cache" not in Path(events).read_text()
     assert "OSError: a teacher failed" in logs[("a", "teacher")].read_text()
@@ -197,7 +199,7 @@ def test_each_demo_stage_logs_into_its_own_log(tmp_path):
     """Three stages in one chain on two pool processes: one process runs two of them,
     and the handler the first made (on its log, closed since) writes the second's
     records into the second's log."""
-    from lavis_dlip.demo import Stage, run_stages
+    from lavis_dlip.stages import Stage, run_stages
 
     stages = {("a", "teacher"): Stage(_logging_stage, ("a teacher",)),
               ("a", "cache"): Stage(_logging_stage, ("a cache",), ("teacher",)),
@@ -229,20 +231,20 @@ def test_the_demo_prints_its_plan_then_where_each_running_stage_is(tmp_path):
     of stages that ran are kept for the next plan on this machine."""
     import io
 
-    from lavis_dlip.demo import Progress, Stage, run_stages
+    from lavis_dlip.stages import Progress, Stage, run_stages
 
     stages = {("a", "teacher"): Stage(_busy_stage, (1.5,)), ("a", "cache"): Stage(_busy_stage, (0.1,), reused=True)}
     logs = {key: tmp_path / f"{' '.join(key)}.log" for key in stages}
     out, times = io.StringIO(), tmp_path / "times.json"
-    progress = Progress.plan(stages, 2, times, interval=0.3, stream=out)
+    progress = Progress.plan("demo", stages, 2, times, {("b", "teacher"): 9.1}, interval=0.3, stream=out)
     plan = out.getvalue()
     assert "2 stages, 2 at a time" in plan and "a cache" in plan and "reused" in plan
-    assert "a teacher                ~9.1 min" not in plan and "a teacher" in plan  # not a REFERENCE key: 1 min
+    assert "a teacher" in plan and "?" in plan  # no estimate: the mean of those done, once one is
     run_stages(stages, logs, 2, progress)
     status = [line for line in out.getvalue().splitlines() if line.startswith("[")]
     assert any("a teacher 0." in line and "train epoch 1 75% (3/4)" in line and "min to go" in line
                for line in status), out.getvalue()
     assert json.loads(times.read_text()) == {"a teacher": 0.03}  # 1.5 s; the reused stage is not timed
     again = io.StringIO()
-    Progress.plan(stages, 2, times, stream=again)
+    Progress.plan("demo", stages, 2, times, stream=again)
     assert "from this machine's last run" in again.getvalue()

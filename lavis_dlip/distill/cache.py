@@ -365,15 +365,24 @@ def _digest(value: Any) -> str:
 
 
 def compare_keys(expected: Mapping[str, Any], found: Mapping[str, Any], directory: str) -> None:
+    """A cache serves a run built from the same teacher, data, student text handling and
+    augmentations whose terms read fields it holds (it may hold more: a study's shared cache
+    holds what all of its arms read), at the same top-k and dtype."""
     for part in ("version", "teacher", "data", "student_text", "augmentations", "fields"):
-        if expected.get(part) != found.get(part):
+        want, have = expected.get(part), found.get(part)
+        if part == "fields" and isinstance(want, Mapping) and isinstance(have, Mapping):
+            same = set(want["fields"]) <= set(have["fields"]) and all(want[k] == have.get(k) for k in want
+                                                                       if k != "fields")
+        else:
+            same = want == have
+        if not same:
             what = {"version": "another cache format", "teacher": "another teacher (config or weights)",
                     "data": "other data (annotations, images or processors)",
                     "student_text": "another student tokenizer or text length",
                     "augmentations": "other augmentations (distill.cache augmentations or seed)",
                     "fields": "other loss terms (their stored outputs, topk, dtype or temperature)"}[part]
-            raise CacheError(f"distill.cache: {directory} was built for {what}: {part} {found.get(part)} != "
-                             f"{expected.get(part)} now; rebuild it ({BUILD_COMMAND}) or point distill.cache elsewhere")
+            raise CacheError(f"distill.cache: {directory} was built for {what}: {part} {have} != {want} now; "
+                             f"rebuild it ({BUILD_COMMAND}) or point distill.cache elsewhere")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -384,9 +393,10 @@ class CacheReader:
         manifest = complete_manifest(directory)
         compare_keys(expected_key, manifest["key"], directory)
         self.directory, self.manifest = Path(directory), manifest
+        self.fields: list[str] = list(expected_key["fields"]["fields"])  # what this run's terms read
         self.chunk, self.augmentations = int(manifest["chunk"]), int(manifest["augmentations"])
         self.temp = float(manifest["temp"]) if manifest.get("temp") is not None else None
-        self.online_fusion = "image_embeds" in manifest["fields"]
+        self.online_fusion = "image_embeds" in self.fields
         self._open: dict[int, Any] = {}
         for name, record in (manifest.get("chunks") or {}).items():  # sizes only: a stat per chunk
             problem = chunk_problem(self.directory / name, record, full=False)
@@ -412,7 +422,7 @@ class CacheReader:
         Nested dicts of tensors only, which LAVIS moves to the GPU with the batch."""
         entries = [self.entry(i, k) for i, k in zip(indices, augs)]
         out: dict[str, Any] = {"text_len": torch.tensor([e.get("text_len", -1) for e in entries])}
-        for field in self.manifest["fields"]:
+        for field in self.fields:
             rows = [row for e in entries for row in e[field]]
             parts = field.split(".")
             if field.startswith("lm_t"):
@@ -450,7 +460,7 @@ class CacheReader:
                     raise CacheError(f"distill.cache: sample {i} had {was} text tokens when the cache "
                                      f"was built and has {int(n)} now: the data or tokenizer changed; rebuild it")
         fields: dict[str, Any] = {}
-        for field in self.manifest["fields"]:
+        for field in self.fields:
             value, parts = cached[field], field.split(".")
             if field.startswith("lm_t"):
                 fields[field] = tuple(value[k].to(device) for k in ("values", "indices", "lse"))
@@ -573,9 +583,11 @@ class CachedOutputs:
 
 # ----------------------------------------------------------------------------- building
 def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any], key: Mapping[str, Any],
-          batch_size: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
+          batch_size: int, device: torch.device, progress: bool = True, spec: Optional[Spec] = None
+          ) -> dict[str, Any]:
     """Write the cache (this process's chunks; all ranks together build all of it).
-    Returns the manifest's statistics once the cache is complete."""
+    Returns the manifest's statistics once the cache is complete. ``spec``: the fields to
+    store, when not those of ``student``'s own terms (a study's union over its arms)."""
     import time
 
     from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
@@ -585,9 +597,9 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
     from lavis_dlip.runners.runner_dlip import barrier
 
     directory = Path(cache_cfg["dir"])
-    terms = list(student.dlip_distill.terms)
-    spec = Spec.from_terms(terms, int(cache_cfg["topk"]))
-    temperatures = {f"lm_t{t.temperature:g}": t.temperature for t in terms if t.NAME == "lm_kd"}
+    if spec is None:
+        spec = Spec.from_terms(list(student.dlip_distill.terms), int(cache_cfg["topk"]))
+    temperatures = {f: float(f[len("lm_t"):]) for f in spec.fields if f.startswith("lm_t")}
     dtype = DTYPES[cache_cfg["dtype"]]
     n, chunk, k_aug = len(dataset), int(cache_cfg["chunk"]), int(cache_cfg["augmentations"])
     temp = getattr(teacher.model, "temp", None)

@@ -154,9 +154,17 @@ def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     return kl.mean() * t * t
 
 
+FEATURE_LOSSES = ("mse", "mse_ln", "cosine")
+
+
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token MSE (mean over channels) or 1 - cosine, averaged over kept tokens."""
+    """Per-token MSE (mean over channels), MSE of the LayerNorm-ed features (``mse_ln``:
+    each token's features at zero mean and unit variance, so the loss does not grow with
+    the teacher's activation scale) or 1 - cosine, averaged over kept tokens."""
+    if kind == "mse_ln":
+        student, teacher = (F.layer_norm(x, x.shape[-1:]) for x in (student, teacher))
+        kind = "mse"
     if kind == "mse":
         per_token = (student - teacher).pow(2).mean(-1)
     else:
@@ -364,7 +372,7 @@ class EmbeddingDistill(LossTerm):
             if target not in EMBED_TARGETS:
                 raise ConfigError(f"{where}.targets: '{target}' is not one of {', '.join(EMBED_TARGETS)}")
         self.targets = targets
-        self.loss = _choice(cfg, "loss", ("mse", "cosine"), "mse", where)
+        self.loss = _choice(cfg, "loss", FEATURE_LOSSES, "mse", where)
         self.needs = frozenset().union(*(EMBED_TARGETS[x][0] for x in targets))
         self.proj = nn.ModuleDict({
             x: _projection(EMBED_TARGETS[x][1](student), EMBED_TARGETS[x][1](teacher), bool(cfg.get("project")))
@@ -450,7 +458,7 @@ class HiddenDistill(_LayerTerm):
 
     def __init__(self, cfg, student, teacher, where):
         super().__init__(cfg, student, teacher, where)
-        self.loss = _choice(cfg, "loss", ("mse", "cosine"), "mse", where)
+        self.loss = _choice(cfg, "loss", FEATURE_LOSSES, "mse", where)
         sw, tw = stream_width(student, self.stream), stream_width(teacher, self.stream)
         self.proj = nn.ModuleDict({str(i): _projection(sw, tw, bool(cfg.get("project"))) for i in self.mapping})
 

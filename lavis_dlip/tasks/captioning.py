@@ -19,10 +19,13 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Optional
 
 from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
+
+from lavis_dlip.tasks.items import write_items
 
 
 # pycocoevalcap's scorers, by the names COCOEvalCap reports (Bleu reports Bleu_1..Bleu_4)
@@ -41,6 +44,7 @@ class DlipCaptionTask(CaptionTask):
     def setup_task(cls, cfg):
         task = super().setup_task(cfg)
         task.scorers = tuple(cfg.run_cfg.get("caption_scorers") or SCORERS)  # validated by schema.check_run
+        task.item_scores = bool(cfg.run_cfg.get("item_scores", False))  # each image's CIDEr (tasks/items.py)
         return task
 
     def build_datasets(self, cfg):
@@ -56,15 +60,20 @@ class DlipCaptionTask(CaptionTask):
     def _report_metrics(self, eval_result_file, split_name):
         if split_name not in self.gt_files:
             return super()._report_metrics(eval_result_file=eval_result_file, split_name=split_name)
-        scores = coco_caption_scores(self.gt_files[split_name], eval_result_file, self.scorers)
+        items: dict = {} if self.item_scores else None
+        scores = coco_caption_scores(self.gt_files[split_name], eval_result_file, self.scorers, items)
+        if items:
+            write_items(split_name, items)
         with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
             f.write(json.dumps({split_name: scores}) + "\n")
         return {**scores, "agg_metrics": scores["CIDEr"] + scores["Bleu_4"]}
 
 
-def coco_caption_scores(gt_file: str, result_file: str, scorers: Sequence[str] = SCORERS) -> dict[str, float]:
+def coco_caption_scores(gt_file: str, result_file: str, scorers: Sequence[str] = SCORERS,
+                        items: Optional[dict] = None) -> dict[str, float]:
     """pycocoevalcap's scores of a LAVIS result file against a COCO-format gt file, as
-    ``COCOEvalCap.evaluate`` computes them (PTB-tokenized captions), for ``scorers`` only."""
+    ``COCOEvalCap.evaluate`` computes them (PTB-tokenized captions), for ``scorers`` only;
+    ``items`` (a dict) receives each image's CIDEr, whose mean is the CIDEr score."""
     from pycocoevalcap import eval as coco_eval  # its Spice is compat's offline-aware one
     from pycocotools.coco import COCO
 
@@ -78,7 +87,9 @@ def coco_caption_scores(gt_file: str, result_file: str, scorers: Sequence[str] =
             "CIDEr": coco_eval.Cider, "SPICE": coco_eval.Spice}
     scores: dict[str, float] = {}
     for name in scorers:
-        score, _ = make[name]().compute_score(gts, res)
+        score, per_image = make[name]().compute_score(gts, res)
+        if name == "CIDEr" and items is not None:  # in the order of gts' keys, as Cider scores them
+            items.update(image_ids=[int(i) for i in gts], CIDEr=[float(x) for x in per_image])
         if name == "Bleu":
             scores.update({f"Bleu_{n + 1}": s for n, s in enumerate(score)})
         else:

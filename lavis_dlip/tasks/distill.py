@@ -33,13 +33,15 @@ from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.retrieval import RetrievalTask
 from lavis.tasks.vqa import VQATask
 
-from lavis_dlip.distill import ATTRIBUTE, Distiller, FrozenTeacher, build_terms, load_teacher
+from lavis_dlip.distill import ATTRIBUTE, TERMS, Distiller, FrozenTeacher, build_terms, load_teacher
+from lavis_dlip.distill.distiller import BALANCE
 from lavis_dlip.distill.cache import (
     BUILDING, VERSION as CACHE_VERSION, CacheReader, ReplayDataset, Spec, cache_config, data_key, teacher_key,
 )
 from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
+from lavis_dlip.tasks.items import ItemScoresMixin
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,9 @@ class DistillTaskMixin:
         distill = raw.get("distill")
         if distill is None:
             raise ConfigError(f"run.task '{task}' needs a top-level 'distill' section with teacher and terms")
-        check_keys(distill, ("teacher", "terms", "base_dir", "cache"), "distill")
+        check_keys(distill, ("teacher", "terms", "base_dir", "cache", "balance"), "distill")
+        if str(distill.get("balance") or "none") not in BALANCE:
+            raise ConfigError(f"distill.balance: '{distill.balance}' is not one of {', '.join(BALANCE)}")
         if distill.get("teacher") is None:
             raise ConfigError("missing key 'distill.teacher'")
         teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
@@ -115,9 +119,13 @@ class DistillTaskMixin:
                               f"(teacher and terms); see docs/distillation.md")
         base_dir = distill.get("base_dir") or os.getcwd()
         cached = self.cache_cfg is not None
-        self.teacher = load_teacher(distill.teacher, base_dir=base_dir, shape_only=cached and not BUILDING.get())
+        # read from a cache, or not read at all (only the student's own losses): the teacher's shape only
+        online = any(not TERMS[spec["name"]].teacher_free for spec in distill.terms)
+        self.teacher = load_teacher(distill.teacher, base_dir=base_dir,
+                                    shape_only=not online or (cached and not BUILDING.get()))
         check_compatible(model, self.teacher.model)
-        setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model)))
+        setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model),
+                                            balance=str(distill.get("balance") or "none")))
         if cached and not BUILDING.get():
             self.cache = CacheReader(self.cache_cfg["dir"], self.cache_key(cfg, model))
             self.cache_dataset.reader = self.cache  # batches arrive with the teacher's outputs
@@ -138,11 +146,13 @@ class DistillTaskMixin:
 class DistillPretrainTask(DistillTaskMixin, ImageTextPretrainTask):
     def __init__(self, cfg=None):
         super().__init__()
-        self._retrieval = RetrievalTask(cfg=cfg)
+        self._retrieval = _ItemsRetrieval(cfg=cfg)
 
     @classmethod
     def setup_task(cls, cfg):
-        return cls(cfg=cfg.run_cfg)
+        task = cls(cfg=cfg.run_cfg)
+        task._retrieval.item_scores = bool(cfg.run_cfg.get("item_scores", False))
+        return task
 
     def evaluation(self, model, data_loader, cuda_enabled=True):
         if not hasattr(data_loader.dataset, "img2txt"):
@@ -150,11 +160,15 @@ class DistillPretrainTask(DistillTaskMixin, ImageTextPretrainTask):
         return self._retrieval.evaluation(model, data_loader)
 
     def after_evaluation(self, val_result, **kwargs):
-        return val_result
+        return self._retrieval.after_evaluation(val_result, **kwargs)  # its per-item scores, if asked for
+
+
+class _ItemsRetrieval(ItemScoresMixin, RetrievalTask):
+    """LAVIS's retrieval evaluation with per-item scores (``run.item_scores``)."""
 
 
 @registry.register_task("dlip_distill_retrieval")
-class DistillRetrievalTask(DistillTaskMixin, RetrievalTask):
+class DistillRetrievalTask(DistillTaskMixin, ItemScoresMixin, RetrievalTask):
     pass
 
 
@@ -164,5 +178,5 @@ class DistillCaptionTask(DistillTaskMixin, DlipCaptionTask):
 
 
 @registry.register_task("dlip_distill_vqa")
-class DistillVQATask(DistillTaskMixin, VQATask):
+class DistillVQATask(DistillTaskMixin, ItemScoresMixin, VQATask):
     pass

@@ -1,0 +1,82 @@
+"""Trained teachers kept for reuse, by the demo and by studies: a teacher is trained
+once per run yaml, data and options, and its checkpoint and test metrics are kept under
+``$LAVIS_DLIP_TEACHER_CACHE`` (default ``~/.cache/lavis_dlip/demo_teachers``), complete or
+absent, never half written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+ENV_CACHE = "LAVIS_DLIP_TEACHER_CACHE"
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Path:
+    """Where a trained demo teacher is kept: keyed by its yaml, the data and the options."""
+    key = hashlib.sha256(b"\n".join([cfg_path.read_bytes(), data_dir.name.encode(), *map(str.encode, options)]))
+    key = key.hexdigest()[:10]
+    return teacher_root() / f"{cfg_path.stem}-{key}"
+
+
+def teacher_root() -> Path:
+    """Where the demo and studies keep what they reuse: trained teachers, their caches, stage times."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
+
+
+def drop_earlier_runs(stage_dir: Path) -> None:
+    """The run directories (``runs.is_job_id``) of a stage's earlier runs: each left every
+    epoch's checkpoint (0.07-0.5 GB a demo stage), and only the latest is read. A teacher's
+    stored checkpoint is a hard link or a copy, so it stays."""
+    from lavis_dlip.runs import is_job_id
+
+    if stage_dir.is_dir():
+        for job in stage_dir.iterdir():
+            if job.is_dir() and is_job_id(job.name):
+                shutil.rmtree(job, ignore_errors=True)
+
+
+def job_dir(root: Path) -> Path:
+    """The newest finished run (it wrote metrics.json) under a run.output_dir."""
+    return max((p.parent for p in root.rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
+
+
+def trained_checkpoint(job: Path) -> Path:
+    """The checkpoint a run tested: the best by validation, else its last epoch's."""
+    best = job / "checkpoint_best.pth"
+    return best if best.is_file() else job / "checkpoint_latest.pth"
+
+
+def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
+    """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
+    from lavis_dlip.checkpoint import atomic_link
+    from lavis_dlip.cli import run
+
+    cache = teacher_cache(cfg_path, data_dir, options)
+    ckpt, metrics = cache / "checkpoint.pth", cache / "metrics.json"
+    if ckpt.is_file() and metrics.is_file():
+        logger.info("reusing the demo teacher in %s (delete it to retrain)", cache)
+        record = json.loads(metrics.read_text())
+        return {"checkpoint": ckpt, "test": record["test"], "seconds": 0.0, "cached": True,
+                "trained_s": record.get("seconds")}
+    drop_earlier_runs(output_dir)
+    t0 = time.time()
+    run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
+    seconds = time.time() - t0
+    job = job_dir(output_dir)
+    record = json.loads((job / "metrics.json").read_text())
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_link(str(trained_checkpoint(job)), str(tmp / "checkpoint.pth"))  # a link: the run's file is not stored twice
+    (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)  # complete or absent, never half written
+    return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}
