@@ -18,14 +18,17 @@ from typing import Any, Optional, Sequence
 from lavis_dlip.cli import main_guard, parse_args, setup_seeds
 
 
-def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Build (or finish) the cache ``cfg_path``'s ``distill.cache`` names; its statistics."""
+def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None,
+                fields: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Build (or finish) the cache ``cfg_path``'s ``distill.cache`` names; its statistics.
+    ``fields``: store these instead of what this run's terms read (a superset: a study's
+    cache serves every arm, each reading its own subset)."""
     import lavis.tasks as tasks
     from lavis.common.logger import setup_logger
 
     from lavis_dlip import compat
     from lavis_dlip.config import load_config
-    from lavis_dlip.distill.cache import BUILDING, build
+    from lavis_dlip.distill.cache import BUILDING, Spec, build
     from lavis_dlip.errors import ConfigError
     from lavis_dlip.models.tokenizer import tokenizer_source
     from lavis_dlip.runners.runner_dlip import keep_freed_memory, resolve_device
@@ -46,9 +49,13 @@ def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None) -> dict[
             student = task.build_model(cfg)
         device = resolve_device(cfg.run_cfg)
         keep_freed_memory(cfg.run_cfg, device)
-        stats = build(student.to(device), task.teacher.to(device), task.cache_dataset, task.cache_cfg,
-                      task.cache_key(cfg, student), int(cfg.run_cfg.batch_size_train), device,
-                      progress=bool(cfg.run_cfg.get("progress", True)))
+        key, spec = task.cache_key(cfg, student), None
+        if fields is not None:
+            spec = Spec(sorted(fields), "image_embeds" in fields, int(task.cache_cfg["topk"]))
+            key["fields"]["fields"] = spec.fields
+        stats = build(student.to(device), task.teacher.to(device), task.cache_dataset, task.cache_cfg, key,
+                      int(cfg.run_cfg.batch_size_train), device, progress=bool(cfg.run_cfg.get("progress", True)),
+                      spec=spec)
     finally:
         BUILDING.reset(token)
     logging.info("teacher cache %s: %s", task.cache_cfg["dir"], json.dumps(stats))

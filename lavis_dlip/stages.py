@@ -71,14 +71,16 @@ def _in_worker(stage: Stage, log: Path, threads: int) -> dict:
 
 def run_stages(stages: dict[Key, Stage], logs: dict[Key, Path], parallel: int,
                progress: Optional[Progress] = None,
-               describe: Callable[[Key, dict], str] = lambda key, result: " ".join(key)) -> dict[Key, dict]:
+               describe: Callable[[Key, dict], str] = lambda key, result: " ".join(key),
+               isolate: bool = False) -> dict[Key, dict]:
     """Every stage, each as soon as the stages of its group that it reads are done; among
     those ready, the first in ``stages``' order. ``parallel`` run at once in pool processes
     with an equal share of the CPU threads each, their console output in ``logs``; 1: one
     after the other in this process. On 2 cores two single-threaded runs finish sooner than
     one two-threaded run after the other (measured: the demo's retrieval teacher's step took
     2.23-2.36 s beside another run, 1.35 s alone with 2 threads; the two captioning students
-    108 s against 139 s). ``describe`` gives the line printed as a stage ends."""
+    108 s against 139 s). ``describe`` gives the line printed as a stage ends; ``isolate``:
+    pool processes (their output in ``logs``) even one at a time."""
     import concurrent.futures
     import multiprocessing
 
@@ -100,7 +102,7 @@ def run_stages(stages: dict[Key, Stage], logs: dict[Key, Path], parallel: int,
             progress.done(key, float(result.get("seconds", 0.0)))
         print(describe(key, result), flush=True)
 
-    if parallel <= 1:
+    if parallel <= 1 and not isolate:
         while waiting:
             key = ready()[0]
             stage = waiting.pop(key)

@@ -308,7 +308,7 @@ class RunnerDlip(RunnerBase):
         """Train, validate, checkpoint and test; returns ``{split: metrics}`` of the test splits."""
         start = time.time()
         if not self.evaluate_only:  # building it imports torch._dynamo: before the allocator is tuned
-            self.optimizer
+            _ = self.optimizer
         keep_freed_memory(self.config.run_cfg, self.device)
         resume = None if self.evaluate_only else self.resume_ckpt_path
         if resume:
