@@ -9,12 +9,14 @@ For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student
    the distillation terms read (``python -m lavis_dlip.cache_teacher``), or reuse it;
 3. **distilled**: initialise a student from the teacher (``teacher_reduced``) and
    distill it with DLIP's loss terms, reading the teacher's outputs from the cache;
-4. **not distilled**: train the same student without a teacher;
-5. evaluate all three with LAVIS's metrics, time their inference side by side,
+4. **init only**: the distilled student's initialisation, trained without a teacher (its
+   own losses only): what distillation adds over inheriting the teacher's weights;
+5. **not distilled**: train the same student from random weights without a teacher;
+6. evaluate all four with LAVIS's metrics, time their inference side by side,
    print one table with the time of every stage and plot quality against size
    and latency (``demo.png`` in the output directory).
 
-Stages 1-4 of all tasks run two at a time (``--parallel``), one CPU thread each, a
+Stages 1-5 of all tasks run two at a time (``--parallel``), one CPU thread each, a
 stage as soon as what it reads exists (``run_stages``), each one's output in
 ``<output-dir>/<task>/<stage>.log``.
 """
@@ -122,7 +124,17 @@ def shown(task: str, metrics: dict) -> str:
     return f"accuracy {metrics['agg_metrics']:.1f}"
 
 
-STAGES = ("teacher", "cache", "distilled", "not distilled")  # a stage reads only the stages before it
+STAGES = ("teacher", "cache", "distilled", "init only", "not distilled")  # a stage reads only stages before it
+MODELS = ("teacher", "distilled", "init only", "not distilled")  # the table's rows of a task
+
+
+def own_terms(cfg_path: Path) -> list[dict]:
+    """A distillation yaml's terms that need no teacher: the student's own losses."""
+    from omegaconf import OmegaConf
+
+    from lavis_dlip.distill.losses import teacher_free_terms
+
+    return teacher_free_terms(OmegaConf.load(cfg_path).distill.terms)
 
 
 def stage_cfgs(task: str) -> dict[str, Path]:
@@ -148,6 +160,10 @@ def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dic
                        reused=built),
         "distilled": Stage(train_student, (cfgs["distill"], out / "distilled",
                                            [*distill_opts, f"distill.cache={cache}"]), ("cache",)),
+        # the distilled student's init, trained without a teacher: what distillation adds over inheritance
+        "init only": Stage(train_student, (cfgs["distill"], out / "init_only",
+                                           [*distill_opts, f"distill.terms={json.dumps(own_terms(cfgs['distill']))}",
+                                            "distill.cache=null"]), ("teacher",)),
         "not distilled": Stage(train_student, (cfgs["student"], out / "not_distilled", list(options))),
     }
 
@@ -170,6 +186,7 @@ REFERENCE_MINUTES = {
     ("retrieval", "cache"): 1.1, ("caption", "cache"): 0.7, ("vqa", "cache"): 0.6,
     ("retrieval", "distilled"): 2.2, ("caption", "distilled"): 1.9, ("vqa", "distilled"): 1.3,
     ("retrieval", "not distilled"): 1.9, ("caption", "not distilled"): 1.6, ("vqa", "not distilled"): 1.0,
+    ("retrieval", "init only"): 1.9, ("caption", "init only"): 1.6, ("vqa", "init only"): 1.0,
 }
 
 
@@ -178,7 +195,8 @@ def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
     import torch
 
     cfgs = stage_cfgs(task)
-    stage_cfg = {"teacher": cfgs["teacher"], "distilled": cfgs["distill"], "not distilled": cfgs["student"]}
+    stage_cfg = {"teacher": cfgs["teacher"], "distilled": cfgs["distill"], "init only": cfgs["distill"],
+                 "not distilled": cfgs["student"]}
     stages = {name: results[name] for name in stage_cfg}
     torch.manual_seed(0)
     cost = timings({name: load_trained(stage_cfg[name], stage["checkpoint"]) for name, stage in stages.items()},
@@ -233,7 +251,7 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     return result
 
 
-MARKERS = {"teacher": "o", "distilled": "*", "not distilled": "X"}
+MARKERS = {"teacher": "o", "distilled": "*", "init only": "P", "not distilled": "X"}
 
 
 def plot(result: dict, path: Path) -> Path:

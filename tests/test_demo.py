@@ -22,7 +22,7 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
     options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5"]
     first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke")
     assert [(r["task"], r["model"]) for r in first["rows"]] == [
-        (t, m) for t in demo.TASKS for m in ("teacher", "distilled", "not distilled")]
+        (t, m) for t in demo.TASKS for m in demo.MODELS]
     for task in demo.TASKS:
         rows = {r["model"]: r for r in first["rows"] if r["task"] == task}
         assert not rows["teacher"]["cached"] and rows["teacher"]["seconds"] > 0
@@ -31,7 +31,7 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
         assert teacher_score == pytest.approx(demo.score(task, rows["teacher"]["test"]))
         assert rows["teacher"]["retained"] == (pytest.approx(100.0) if teacher_score else None)
         assert rows["teacher"]["speedup"] == pytest.approx(1.0)
-        for name in ("distilled", "not distilled"):
+        for name in demo.MODELS[1:]:
             assert rows[name]["params"] < 0.6 * rows["teacher"]["params"], task
             # latency is measured side by side, but its ratio is no test of correctness on a busy
             # machine (benchmarks/ and docs/results.md hold the timings): only that it was measured
@@ -41,7 +41,7 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
             assert rows[name]["score"] == pytest.approx(demo.score(task, rows[name]["test"]))
     assert first["parallel"] == 2  # stages ran two at a time, each one's console output in its own log
     for task in demo.TASKS:
-        for run in ("teacher", "distilled", "not_distilled"):
+        for run in ("teacher", "distilled", "init_only", "not_distilled"):
             # LAVIS prints its evaluation's progress (logging records go to pytest's handler here)
             assert "Evaluation" in (tmp_path / "out" / task / f"{run}.log").read_text(), (task, run)
         assert "teacher cache" in (tmp_path / "out" / task / "cache.log").read_text(), task
@@ -57,7 +57,8 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
 
     demo.print_table(first)
     table = capsys.readouterr().out
-    for text in ("| retrieval | distilled |", "| caption | not distilled |", "| vqa | teacher |", "CIDEr",
+    for text in ("| retrieval | distilled |", "| caption | not distilled |", "| vqa | teacher |",
+                 "| vqa | init only |", "CIDEr",
                  "% of teacher", "Teacher-output caches", "KiB", str(png)):
         assert text in table
 

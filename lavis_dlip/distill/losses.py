@@ -510,6 +510,19 @@ def validate_terms(specs: Any) -> None:
                           "give at least one term a weight > 0")
 
 
+def teacher_free_terms(specs: Any) -> list[dict]:
+    """The terms of ``distill.terms`` that need no teacher (the student's own losses: itc,
+    itm, lm, task), as plain mappings with their weights."""
+    from omegaconf import OmegaConf
+
+    own = [dict(OmegaConf.to_container(t) if OmegaConf.is_config(t) else t) for t in specs or []
+           if t.get("name") in TERMS and TERMS[t["name"]].teacher_free]
+    if not own:
+        raise ConfigError("distill.terms hold none of the student's own losses (itc, itm, lm, task), which "
+                          "a student trained without a teacher trains on")
+    return own
+
+
 def build_terms(specs: Any, student: nn.Module, teacher: nn.Module) -> list[LossTerm]:
     """Instantiate ``distill.terms`` for this student and teacher."""
     validate_terms(specs)

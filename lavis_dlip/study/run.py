@@ -285,11 +285,11 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
     logging.disable(logging.INFO)  # the probe's config and data logs are not the plan
     try:
         runner = build_runner(load_config(str(spec.base), probe))
+        model = runner.model
+        model.train()
+        batches = iter(runner.train_loader)
     finally:
         logging.disable(logging.NOTSET)
-    model = runner.model
-    model.train()
-    batches = iter(runner.train_loader)
     times = []
     for i in range(3):
         samples = runner._to_device(next(batches))
@@ -312,9 +312,9 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
 
 
 def _own(spec: StudySpec) -> list[dict]:
-    from lavis_dlip.study.spec import own_terms
+    from lavis_dlip.distill.losses import teacher_free_terms
 
-    return own_terms(spec.base_raw().distill.get("terms") or [])
+    return teacher_free_terms(spec.base_raw().distill.get("terms"))
 
 
 def emit(spec: StudySpec, plans: Sequence[RunPlan], path: Path) -> None:

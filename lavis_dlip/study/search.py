@@ -3,8 +3,8 @@
     search:
       budget: {params: 0.25}          # <= 1: a fraction of the teacher's; > 1: absolute;
                                       # also flops, latency_ms (measured on this machine)
-      space:                          # model keys -> values, crossed
-        vision.width: [32, 64, 96]
+      space:                          # model keys -> values, crossed; a section takes
+        vision: [{width: 64, heads: 2}, {width: 96, heads: 3}]   # settings that go together
         vision.depth: [1, 2, 3]
         text.width: [64, 128]
         text.layers: [1, 2]
@@ -23,9 +23,11 @@
    key (it has more capacity and still fits).
 4. With a latency budget, the ``latency_candidates`` frontier shapes with the most
    parameters are timed (random weights, side by side with the teacher); over it, dropped.
-5. The ``top`` remaining shapes with the most parameters become arms ``search_1``... of the
-   study, trained with ``options`` from the shared cache; the best by mean score is the
-   winner: ``winner.yaml`` (the base run yaml with its shape) is ready to train.
+5. The ``top`` remaining shapes with the most parameters (the frontier first, then the
+   largest of the others if it has fewer) become arms ``search_1``... of the study,
+   trained with ``options`` from the shared cache; the best by mean score is the winner:
+   ``winner.yaml`` (the base run yaml with its shape) is ready to train, and the study
+   trains it with the base's schedule as ``search_winner``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def parse(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("study.search.space: give model keys -> lists of values, e.g. {vision.width: [32, 64]}")
     for key, values in space.items():
         if key.split(".")[0] not in MODULE_KEYS or not isinstance(values, list) or not values:
-            raise ConfigError(f"study.search.space.{key}: a vision.*, text.* or decoder.* key with a list of values")
+            raise ConfigError(f"study.search.space.{key}: a vision, text or decoder key (or section) with a list "
+                              f"of values")
     top = cfg.get("top", 3)
     lat = cfg.get("latency_candidates", 8)
     for key, value in (("top", top), ("latency_candidates", lat)):
@@ -179,8 +182,7 @@ def search(cfg: dict[str, Any], base_raw, teacher_cfg, text_len: int = 32, repea
             cand.dropped = f"{cand.flops / 1e9:.3f} GFLOPs, over the budget's {max_flops / 1e9:.3f}"
     feasible = [c for c in candidates if not c.dropped]
     for c in feasible:
-        bigger = [o for o in feasible if o is not c and all(o.shape[k] is not None and c.shape[k] is not None
-                                                             and o.shape[k] >= c.shape[k] for k in space)
+        bigger = [o for o in feasible if o is not c and all(_at_least(o.shape[k], c.shape[k]) for k in space)
                   and any(o.shape[k] != c.shape[k] for k in space)]
         if bigger:
             c.dropped = f"inside the frontier: {_describe(bigger[0].shape)} is as large or larger and fits"
@@ -198,12 +200,22 @@ def search(cfg: dict[str, Any], base_raw, teacher_cfg, text_len: int = 32, repea
             if c.latency_ms > info["limits"]["latency_ms"]:
                 c.dropped = f"{c.latency_ms:.1f} ms, over the budget's {info['limits']['latency_ms']:.1f}"
         frontier = [c for c in timed if not c.dropped]
-    for i, c in enumerate(frontier):
+    # the frontier's largest first; fewer than ``top`` on it: the largest others that fit as well
+    inside = sorted((c for c in feasible if c.dropped.startswith("inside the frontier")),
+                    key=lambda c: (-c.params, -c.flops))
+    for i, c in enumerate(frontier + inside[:max(0, cfg["top"] - len(frontier))]):
         if i < cfg["top"]:
-            c.arm = f"search_{i + 1}"
+            c.arm, c.dropped = f"search_{i + 1}", ""
         else:
             c.dropped = f"not among the top {cfg['top']} by parameters"
     return candidates, info
+
+
+def _at_least(a: Any, b: Any) -> bool:
+    """``a`` is as large as ``b``: numbers, or sections (``vision: {width: 96, heads: 3}``) key by key."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_at_least(a.get(k), b.get(k)) for k in set(a) | set(b))
+    return a is not None and b is not None and a >= b
 
 
 def _latency(teacher_cfg, student_cfgs, candidates, text_len: int, repeats: int) -> float:

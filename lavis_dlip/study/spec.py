@@ -20,7 +20,7 @@ Reference arms (every other arm is reported against them): ``teacher`` (evaluate
 once), ``no_teacher`` (the same student from random weights, only its own losses),
 ``init_only`` (the base's ``model.init``, only the student's own losses) and ``base``
 (the base recipe as it is). The student's own losses are the base's teacher-free
-terms (``itc``, ``itm``, ``lm``, ``task``).
+terms (``itc``, ``itm``, ``lm``, ``task``: ``distill.losses.teacher_free_terms``).
 """
 
 from __future__ import annotations
@@ -113,20 +113,10 @@ def expand_axes(axes: Any, where: str = "study.axes") -> list[Arm]:
     return arms
 
 
-def own_terms(terms: Sequence[Any]) -> list[dict]:
-    """The base's terms that need no teacher (the student's own losses), with their weights."""
-    from lavis_dlip.distill.losses import TERMS
-
-    own = [dict(OmegaConf.to_container(t) if OmegaConf.is_config(t) else t) for t in terms
-           if t.get("name") in TERMS and TERMS[t["name"]].teacher_free]
-    if not own:
-        raise ConfigError("study: the base's distill.terms hold none of the student's own losses "
-                          "(itc, itm, lm, task); the init_only and no_teacher arms train on those")
-    return own
-
-
 def reference_arms(names: Sequence[str], base_terms: Sequence[Any]) -> list[Arm]:
-    own = f"distill.terms={json.dumps(own_terms(base_terms))}"
+    from lavis_dlip.distill.losses import teacher_free_terms
+
+    own = f"distill.terms={json.dumps(teacher_free_terms(base_terms))}"
     make = {"base": (), "init_only": (own, "distill.balance=none"),
             "no_teacher": (own, "distill.balance=none", "model.init=null")}
     return [Arm(n, make[n], "reference") for n in names if n != "teacher"]
