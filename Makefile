@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench study clean
 
 $(STAMP): setup.py requirements/constraints.txt requirements/runtime.txt requirements/dev.txt scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lavis_dlip tests benchmarks
+
+# DLIP's analysis on the demo data (projects/dlip/study/): arms x 3 seeds each, reusing the demo's teachers;
+# results in output/study/<name>/study.md (docs/benchmarks/study_*.md hold the committed ones)
+study: $(STAMP)
+	$(PY) -m lavis_dlip.study --cfg-path projects/dlip/study/retrieval.yaml
+	$(PY) -m lavis_dlip.study --cfg-path projects/dlip/study/retrieval_budget.yaml
+	$(PY) -m lavis_dlip.study --cfg-path projects/dlip/study/caption.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/compression.py

@@ -51,6 +51,7 @@ setup(
             "dlip-demo=lavis_dlip.demo:main",
             "dlip-cache-teacher=lavis_dlip.cache_teacher:main",
             "dlip-export=lavis_dlip.export:main",
+            "dlip-study=lavis_dlip.study.__main__:main",
         ]
     },
 )

@@ -208,11 +208,14 @@ def union_fields(spec: StudySpec, plans: Sequence[RunPlan]) -> list[str]:
             if not p.cached or recipe in seen:
                 continue
             seen.add(recipe)
-            cfg = load_config(str(spec.base), p.options)
-            task = tasks.setup_task(cfg)
-            task.build_datasets(cfg)
-            with tokenizer_source(cfg.model_cfg.get("tokenizer")):
-                student = task.build_model(cfg)
+            try:
+                cfg = load_config(str(spec.base), p.options)
+                task = tasks.setup_task(cfg)
+                task.build_datasets(cfg)
+                with tokenizer_source(cfg.model_cfg.get("tokenizer")):
+                    student = task.build_model(cfg)
+            except ConfigError as err:
+                raise ConfigError(f"{spec.path}: arm '{p.arm.name}': {err}") from None
             fields |= set(Spec.from_terms(list(getattr(student, ATTRIBUTE).terms), task.cache_cfg["topk"]).fields)
     finally:
         BUILDING.reset(token)
@@ -379,7 +382,7 @@ def run_study(spec: StudySpec, dry_run: bool = False, emit_path: Optional[Path] 
             if winner is not None:
                 full = plan(spec, [Arm("search_winner", tuple(winner.options()), "search", dict(winner.shape))])
                 more, more_logs = stages(spec, full)
-                extra = {k: v for k, v in more.items() if k[1].startswith("search_winner")}
+                extra = {k: v._replace(after=()) for k, v in more.items() if k[1].startswith("search_winner")}
                 results.update(run_stages(extra, more_logs, spec.parallel, describe=_describe, isolate=True))
                 plans += full
     else:
