@@ -99,7 +99,7 @@ def measure(name: str, config: str, changes: list, stand_in: list, batch, texts_
 
     from lavis_dlip.distill import cache
     from lavis_dlip.distill.capture import Capture
-    from lavis_dlip.distill.dry_run import build_random
+    from lavis_dlip.testing.dry_run import build_random
     from lavis_dlip.distill.outputs import positive_pairs
     from lavis_dlip.report import count_params
 
@@ -214,7 +214,7 @@ def main() -> None:
 
     import lavis_dlip  # noqa: F401
 
-    from lavis_dlip.runners.runner_dlip import keep_freed_memory
+    from lavis_dlip.process import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,4 @@
 """Build a distillation run's teacher-output cache (``distill.cache``):
-
     python -m lavis_dlip.cache_teacher --cfg-path DISTILL_YAML [--options k=v ...]
     torchrun --nproc_per_node=N -m lavis_dlip.cache_teacher --cfg-path DISTILL_YAML
 
@@ -16,6 +15,12 @@ import sys
 from typing import Any, Optional, Sequence
 
 from lavis_dlip.cli import main_guard, parse_args, setup_seeds
+from lavis_dlip import compat
+from lavis_dlip.blip.tokenizer import tokenizer_source
+from lavis_dlip.config import load_config
+from lavis_dlip.distill.cache import BUILDING, Spec, build
+from lavis_dlip.errors import ConfigError
+from lavis_dlip.process import keep_freed_memory, resolve_device
 
 
 def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None,
@@ -25,13 +30,6 @@ def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None,
     cache serves every arm, each reading its own subset)."""
     import lavis.tasks as tasks
     from lavis.common.logger import setup_logger
-
-    from lavis_dlip import compat
-    from lavis_dlip.config import load_config
-    from lavis_dlip.distill.cache import BUILDING, Spec, build
-    from lavis_dlip.errors import ConfigError
-    from lavis_dlip.models.tokenizer import tokenizer_source
-    from lavis_dlip.runners.runner_dlip import keep_freed_memory, resolve_device
 
     token = BUILDING.set(True)
     try:
@@ -67,7 +65,6 @@ def build_cache(cfg_path: str, options: Optional[Sequence[str]] = None,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args("Build the teacher-output cache of a distillation yaml (distill.cache).", argv)
     return main_guard(lambda: build_cache(args.cfg_path, args.options))
-
 
 if __name__ == "__main__":
     sys.exit(main())

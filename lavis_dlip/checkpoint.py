@@ -4,9 +4,9 @@ written so that they survive crashes, with the RNG state that makes resumes exac
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
-import re
 import shutil
 import tempfile
 from typing import Any
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lavis_dlip.errors import CheckpointError, RunStopped
+from lavis_dlip.paths import is_url, local_path
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -104,17 +105,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_url(source: str) -> bool:
-    return re.match(r"^https?://", str(source)) is not None
-
-
-def local_path(source: str) -> str:
-    """``source`` as a local path (``pkg://`` resolved, ``~`` expanded); URLs pass through."""
-    from lavis_dlip.models.tokenizer import resolve_source
-
-    return str(source) if is_url(source) else resolve_source(str(source))
-
-
 def check_exists(source: str, key: str) -> None:
     """Fail early for a local checkpoint that is not there (URLs are fetched later)."""
     path = local_path(source)
@@ -123,24 +113,42 @@ def check_exists(source: str, key: str) -> None:
         raise CheckpointError(f"{key}: {source}: {what}; give the path of a .pth file (or a URL)")
 
 
+def download(url: str, source: str, key: str) -> str:
+    """A URL's local copy (LAVIS's download cache); failing, one line naming the file and ``key``."""
+    from lavis.common.dist_utils import download_cached_file  # LAVIS: imported once compat has fixed torchvision
+
+    try:
+        return download_cached_file(url, check_hash=False, progress=True)
+    except Exception as err:  # offline, 404: urllib's message names neither key nor file
+        raise CheckpointError(f"{key}: cannot download {source} ({first_line(err)}); "
+                              "download it elsewhere and give the local path") from None
+
+
+def load_bytes(file: Any, source: str, key: str) -> Any:
+    """``torch.load`` on the CPU of a path or file object; any failure one line naming ``source`` and ``key``."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle and zip errors name neither the file nor the fix
+        raise CheckpointError(f"{key}: {source} is not a readable PyTorch checkpoint, truncated or of "
+                              f"another format ({type(err).__name__}: {first_line(err)})") from None
+
+
 def read(source: str, key: str) -> Any:
     """``torch.load`` of a path or URL on the CPU; any failure is one line naming the
     file and ``key`` (the config key that named it)."""
     path = local_path(source)
     if is_url(path):
-        from lavis.common.dist_utils import download_cached_file
-
-        try:
-            path = download_cached_file(path, check_hash=False, progress=True)
-        except Exception as err:  # offline, 404: urllib's message names neither key nor file
-            raise CheckpointError(f"{key}: cannot download {source} ({first_line(err)}); "
-                                  "download it elsewhere and give the local path") from None
+        path = download(path, source, key)
     check_exists(path, key)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle and zip errors name neither the file nor the fix
-        raise CheckpointError(f"{key}: {source} is not a readable PyTorch checkpoint, truncated or of "
-                              f"another format ({type(err).__name__}: {first_line(err)})") from None
+    return load_bytes(path, source, key)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def first_line(err: BaseException) -> str:

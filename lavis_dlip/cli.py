@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 from lavis_dlip.errors import ConfigError, RunStopped
+from lavis_dlip import compat
+from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, tokenizer_source
+from lavis_dlip.config import load_config
+from lavis_dlip.datasets.validate import DataError
+from lavis_dlip.models.importance import calibration_data
+from lavis_dlip.models.init import calibration_batches
+from lavis_dlip.runs import make_job_id
 
 
 def parse_args(description: str, argv: Optional[Sequence[str]] = None, checkpoint: bool = False):
@@ -50,9 +57,6 @@ def run(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate: bool =
 
     Returns the runner's test metrics ``{split: {metric: value}}``.
     """
-    from lavis_dlip.config import load_config
-
-    from lavis_dlip.datasets.validate import DataError
 
     cfg = load_config(cfg_path, options, evaluate=evaluate)
     try:
@@ -69,11 +73,6 @@ def build_runner(cfg, evaluate: bool = False):
     import lavis.tasks as tasks
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
-
-    from lavis_dlip import compat
-    from lavis_dlip.models.importance import calibration_batches, calibration_data
-    from lavis_dlip.models.tokenizer import tokenizer_source
-    from lavis_dlip.runs import make_job_id
 
     if evaluate:
         cfg.run_cfg.evaluate = True
@@ -144,8 +143,6 @@ def main_guard(fn) -> int:
     """Print configuration and data errors, and runs stopped for a reason the user can
     act on, as one clear line without a traceback; exit code 2 (an interrupted run: 130
     for SIGINT, 143 for SIGTERM, as a shell reports them)."""
-    from lavis_dlip.datasets.validate import DataError
-    from lavis_dlip.models.tokenizer import TokenizerNotFoundError
 
     try:
         fn()

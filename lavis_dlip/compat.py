@@ -138,7 +138,6 @@ def fix_torchvision_on_cpu_torch() -> bool:
     return True
 
 
-
 # --------------------------------------------------------------------------- registry paths
 def register_path(name: str, path: str) -> None:
     """LAVIS's ``registry.register_path`` raises on a second registration
@@ -178,7 +177,7 @@ def route_blip_tokenizer() -> None:
     other BLIP model in the process keeps LAVIS's own loader, untouched."""
     from lavis.models.blip_models.blip import BlipBase
 
-    from lavis_dlip.models.tokenizer import asked_source, init_blip_tokenizer
+    from lavis_dlip.blip.tokenizer import asked_source, init_blip_tokenizer
 
     if getattr(BlipBase.init_tokenizer, "_dlip", False):
         return

@@ -15,8 +15,12 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from lavis_dlip import schema
+from lavis_dlip import checkpoint, schema
 from lavis_dlip.errors import ConfigError
+from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
+from lavis_dlip.datasets.builders import LocalBuilder
+from lavis_dlip.blip.teacher import teacher_model_config
+from lavis_dlip.models.init import parse_init
 
 __all__ = ["ConfigError", "load_config", "validate", "validate_merged"]
 
@@ -24,7 +28,6 @@ __all__ = ["ConfigError", "load_config", "validate", "validate_merged"]
 def _suggest(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=3)
     return f" Did you mean: {', '.join(close)}?" if close else ""
-
 
 RUN_REQUIRED_TRAIN = (
     "task", "lr_sched", "init_lr", "min_lr", "max_epoch",
@@ -110,8 +113,6 @@ def validate_merged(cfg, cfg_path: str, evaluate: bool = False) -> None:
 def _check_datasets(cfg) -> None:
     from lavis.common.registry import registry
 
-    from lavis_dlip.datasets.builders import LocalBuilder
-
     processors = registry.mapping["processor_name_mapping"]
     for name, ds in cfg.datasets_cfg.items():
         builder = registry.get_builder_class(name)
@@ -122,8 +123,6 @@ def _check_datasets(cfg) -> None:
 
 def _check_model(cfg, evaluate: bool) -> None:
     from lavis.common.registry import registry
-
-    from lavis_dlip import checkpoint
 
     model_cfg = cfg.model_cfg
     model_cls = registry.get_model_class(model_cfg.arch)
@@ -141,7 +140,6 @@ def _check_model(cfg, evaluate: bool) -> None:
     tokenizers = [(model_cfg.get("tokenizer"), "model.tokenizer")]
     distill = cfg.config.get("distill")
     if distill is not None and not evaluate:  # evaluation builds no teacher
-        from lavis_dlip.distill.teacher import teacher_model_config
 
         teacher = distill.teacher
         if teacher.get("checkpoint") and teacher.get("load_weights", True):
@@ -161,9 +159,6 @@ def _check_model(cfg, evaluate: bool) -> None:
 def _init_files(init) -> list[tuple[str, str]]:
     """Checkpoints ``model.init`` reads (its teacher's); its pretrained sources, a
     timm/DeiT file or URL or a Hugging Face BERT directory, are checked here."""
-    from lavis_dlip import checkpoint
-    from lavis_dlip.models.init import parse_init
-
     files = []
     teacher = init.get("teacher")
     if isinstance(teacher, str):
@@ -182,7 +177,6 @@ def _check_tokenizer(source: str, key: str) -> None:
     """A local tokenizer (path or ``pkg://``) is loaded now, cached for the model: a
     wrong path should not wait until every image has been checked. A hub name is
     fetched when the model is built (offline runs need a local one)."""
-    from lavis_dlip.models.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
 
     if not is_local(source):
         return
@@ -261,8 +255,6 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
         if cfg.config.distill.get("base_dir") is None:
             cfg.config.distill.base_dir = base_dir
     from lavis.common.registry import registry
-
-    from lavis_dlip.datasets.builders import LocalBuilder
 
     for name in cfg.datasets_cfg:
         ds = cfg.datasets_cfg[name]

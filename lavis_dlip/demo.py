@@ -36,6 +36,13 @@ from typing import Any, Optional, Sequence
 from lavis_dlip.stages import Progress, Stage, run_stages
 from lavis_dlip.teachers import drop_earlier_runs, job_dir, teacher_cache, teacher_root, trained_checkpoint, \
     train_or_reuse_teacher
+from lavis_dlip.blip.build import trained_model
+from lavis_dlip.cache_teacher import build_cache
+from lavis_dlip.cli import run
+from lavis_dlip.datasets.demo_data import ensure
+from lavis_dlip.distill.cache import VERSION, read_manifest
+from lavis_dlip.distill.losses import teacher_free_terms
+from lavis_dlip.report import measure_models
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "dlip" / "demo"
 RECALLS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
@@ -55,8 +62,6 @@ def cache_dir(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> Path
     format, not its schedule (the cache's own key refuses anything stale)."""
     from omegaconf import OmegaConf
 
-    from lavis_dlip.distill.cache import VERSION
-
     raw = OmegaConf.load(cfg_path)
     what = OmegaConf.to_yaml({k: raw.get(k) for k in ("model", "datasets", "distill")})
     key = hashlib.sha256("\n".join([what, *options, f"cache format {VERSION}"]).encode()).hexdigest()[:10]
@@ -65,8 +70,6 @@ def cache_dir(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> Path
 
 def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[str]) -> dict:
     """The distillation run's teacher-output cache (``cache_dir``), built or reused."""
-    from lavis_dlip.cache_teacher import build_cache
-    from lavis_dlip.distill.cache import read_manifest
 
     directory = cache_dir(cfg_path, teacher_dir, options)
     reused = bool((read_manifest(str(directory)) or {}).get("complete"))
@@ -78,8 +81,6 @@ def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[st
 
 
 def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> dict:
-    from lavis_dlip.cli import run
-
     drop_earlier_runs(output_dir)
     t0 = time.time()
     metrics = run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
@@ -89,7 +90,6 @@ def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> d
 
 def load_trained(cfg_path: Path, checkpoint: Path):
     """The model of a run yaml with trained weights (for timing and counting)."""
-    from lavis_dlip.models.sources import trained_model
 
     return trained_model(str(cfg_path), str(checkpoint))[0]
 
@@ -98,7 +98,6 @@ def timings(models: dict[str, Any], repeats: int) -> dict[str, dict]:
     """Parameters and inference latency (every workload the model serves: image and
     text encoding, ITM re-ranking, caption generation, VQA answering), interleaved
     in this process."""
-    from lavis_dlip.report import measure_models
 
     costs = measure_models(models, image_size=None, text_len=20, k=16, batch=64, device="cpu",
                            warmup=1, repeats=repeats)
@@ -123,7 +122,6 @@ def shown(task: str, metrics: dict) -> str:
         return f"BLEU-4 {100 * metrics['Bleu_4']:.1f}, CIDEr {100 * metrics['CIDEr']:.1f}"
     return f"accuracy {metrics['agg_metrics']:.1f}"
 
-
 STAGES = ("teacher", "cache", "distilled", "init only", "not distilled")  # a stage reads only stages before it
 MODELS = ("teacher", "distilled", "init only", "not distilled")  # the table's rows of a task
 
@@ -131,8 +129,6 @@ MODELS = ("teacher", "distilled", "init only", "not distilled")  # the table's r
 def own_terms(cfg_path: Path) -> list[dict]:
     """A distillation yaml's terms that need no teacher: the student's own losses."""
     from omegaconf import OmegaConf
-
-    from lavis_dlip.distill.losses import teacher_free_terms
 
     return teacher_free_terms(OmegaConf.load(cfg_path).distill.terms)
 
@@ -149,7 +145,6 @@ def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dic
     ckpt = teacher_dir / "checkpoint.pth"
     distill_opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options]
     cache = cache_dir(cfgs["distill"], teacher_dir, distill_opts)
-    from lavis_dlip.distill.cache import read_manifest
 
     trained = ckpt.is_file() and (teacher_dir / "metrics.json").is_file()
     built = bool((read_manifest(str(cache)) or {}).get("complete"))
@@ -177,7 +172,6 @@ def _done_line(key: tuple[str, str], result: dict) -> str:
     reused = ", reused" if result.get("cached") else ""
     log = f"; log {result['log']}" if "log" in result else ""
     return f"{task} {name}: {what} ({result['seconds'] / 60:.1f} min{reused}{log})"
-
 
 # Minutes each stage took in a fresh `make demo` on this project's machines (2 cores, two
 # stages at a time; docs/results.md): the plan's estimate until this machine has its own.
@@ -223,7 +217,6 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     (``options`` apply to every stage), ``parallel`` stages at a time (``run_stages``),
     their plan printed first and their progress every ``progress_s`` seconds; then
     latency is timed alone."""
-    from lavis_dlip.datasets.demo_data import ensure
 
     start = time.time()
     data = ensure(data_preset)
@@ -249,7 +242,6 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     result = {"rows": rows, "total_s": time.time() - start, "data": str(data), "parallel": parallel}
     result["plot"] = str(plot(result, out / "demo.png"))
     return result
-
 
 MARKERS = {"teacher": "o", "distilled": "*", "init only": "P", "not distilled": "X"}
 
@@ -333,14 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import lavis_dlip  # noqa: F401
 
     result = run_demo(args.output_dir, args.options, args.repeats, tasks=args.tasks, parallel=args.parallel)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from lavis_dlip.models.layout import MODULES, module_layout
+from lavis_dlip.blip.layout import MODULES, module_layout
+from lavis_dlip import compat
+from lavis_dlip.blip.layout import layouts, module_of
+from lavis_dlip.blip.tokenizer import tokenizer_source
+from lavis_dlip.cli import main_guard
+from lavis_dlip.errors import ConfigError
 
 CAPTION_TOKENS = 20  # tokens decoded per caption (prompt included), beam 3
 ANSWER_TOKENS = 10  # tokens decoded per VQA answer, beam 3
@@ -41,10 +46,6 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     """A registered model ``arch:type`` with random weights, at ``image_size``."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
-
-    from lavis_dlip import compat
-    from lavis_dlip.errors import ConfigError
-    from lavis_dlip.models.tokenizer import tokenizer_source
 
     arch, _, model_type = spec.partition(":")
     cls = registry.get_model_class(arch)
@@ -68,8 +69,7 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
 
 
 def count_params(model) -> dict[str, int]:
-    """Parameters per module (``models/layout.py``); momentum copies and queues excluded."""
-    from lavis_dlip.models.layout import layouts, module_of
+    """Parameters per module (``blip/layout.py``); momentum copies and queues excluded."""
 
     found = layouts(model)
     out = {m: 0 for m in MODULES}
@@ -280,9 +280,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="write here instead of stdout")
     args = parser.parse_args(argv)
 
-    import lavis_dlip  # noqa: F401
-    from lavis_dlip.cli import main_guard
-
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {}
@@ -309,7 +306,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         sys.stdout.write(result["text"])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,10 +70,12 @@ def _number(value: Any, kind: str) -> Optional[float]:
     except (TypeError, ValueError):
         return None
 
-
 POSITIVE_INT, COUNT = Key("int", low=1), Key("int", low=0)
 RATE, NONNEG = Key("float", low=0, above=True), Key("float", low=0)
 FLAG, NAME = Key("bool"), Key("str")
+# pycocoevalcap's scorers, by the names COCOEvalCap reports (Bleu reports Bleu_1..Bleu_4): run.caption_scorers
+SCORERS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+AGG_SCORERS = ("Bleu", "CIDEr")  # agg_metrics = CIDEr + Bleu_4, as LAVIS
 
 # Who reads each key: LAVIS's runner_base.py, runner_iter.py, optims.py, train.py,
 # dist_utils.py and tasks (captioning, retrieval, vqa, img2prompt vqa); the plugin's
@@ -146,8 +148,6 @@ def check_run(run: Mapping[str, Any]) -> None:
         check_value(mult, NONNEG, f"run.lr_mult.{name}")
     scorers = run.get("caption_scorers")
     if scorers is not None:
-        from lavis_dlip.tasks.captioning import AGG_SCORERS, SCORERS
-
         unknown = [s for s in scorers if s not in SCORERS]
         if unknown or not set(AGG_SCORERS) <= set(scorers):
             raise ConfigError(f"run.caption_scorers: {list(scorers)}: choose from {', '.join(SCORERS)}, "

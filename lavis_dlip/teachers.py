@@ -13,6 +13,9 @@ import shutil
 import time
 from pathlib import Path
 from typing import Sequence
+from lavis_dlip.checkpoint import atomic_link
+from lavis_dlip.cli import run
+from lavis_dlip.runs import is_job_id
 
 ENV_CACHE = "LAVIS_DLIP_TEACHER_CACHE"
 
@@ -35,7 +38,6 @@ def drop_earlier_runs(stage_dir: Path) -> None:
     """The run directories (``runs.is_job_id``) of a stage's earlier runs: each left every
     epoch's checkpoint (0.07-0.5 GB a demo stage), and only the latest is read. A teacher's
     stored checkpoint is a hard link or a copy, so it stays."""
-    from lavis_dlip.runs import is_job_id
 
     if stage_dir.is_dir():
         for job in stage_dir.iterdir():
@@ -56,8 +58,6 @@ def trained_checkpoint(job: Path) -> Path:
 
 def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
     """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
-    from lavis_dlip.checkpoint import atomic_link
-    from lavis_dlip.cli import run
 
     cache = teacher_cache(cfg_path, data_dir, options)
     ckpt, metrics = cache / "checkpoint.pth", cache / "metrics.json"

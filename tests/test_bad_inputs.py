@@ -29,7 +29,7 @@ def student_ckpt(path: Path, **overrides) -> Path:
     """A runner-style checkpoint of the `test` retrieval student (random values)."""
     import torch
 
-    from lavis_dlip.models.stand_ins import blip_checkpoint
+    from lavis_dlip.testing.stand_ins import blip_checkpoint
 
     blip_checkpoint("dlip_retrieval", "test", str(path), **overrides)
     state = torch.load(path, weights_only=False)

@@ -45,7 +45,7 @@ def _training_side(cfg_path, options):
     import lavis.tasks as tasks
 
     from lavis_dlip.config import load_config
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     cfg = load_config(str(cfg_path), options)
     task = tasks.setup_task(cfg)

@@ -112,7 +112,15 @@ def test_cuda_device_without_gpu_is_a_clear_error(tmp_path, demo_test_data):
 
 
 def test_project_configs_all_validate():
+    """Every run yaml loads; every study yaml's base, teacher and arms are known."""
+    from lavis_dlip.study.spec import load_study
+
+    studies = sorted((REPO / "projects" / "dlip" / "study").glob("*.yaml"))
     for path in sorted((REPO / "projects").rglob("*.yaml")):
+        if path in studies:
+            spec = load_study(str(path))
+            assert spec.base.is_file() and len(spec.seeds) >= 3 and spec.arms, path
+            continue
         cfg = _load(str(path))
         assert cfg.run_cfg.runner == "runner_dlip", path
 

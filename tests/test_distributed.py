@@ -47,10 +47,10 @@ def _teacher_checkpoint(cfg, path) -> str:
     from omegaconf import OmegaConf
 
     import lavis_dlip  # noqa: F401
-    from lavis_dlip.distill.teacher import teacher_model_config
-    from lavis_dlip.models.sources import build_model
-    from lavis_dlip.models.stand_ins import random_state
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.blip.teacher import teacher_model_config
+    from lavis_dlip.blip.build import build_model
+    from lavis_dlip.blip.build import random_state
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     model_cfg = teacher_model_config(OmegaConf.load(cfg).distill.teacher, base_dir=str(CONFIGS))
     with tokenizer_source(OFFLINE_VOCAB):

@@ -56,7 +56,7 @@ def _checkpoint(cfg_name: str, path: Path, **overrides) -> tuple[str, Path]:
 
     import lavis_dlip  # noqa: F401
     from lavis.common.registry import registry
-    from lavis_dlip.models.sources import build_model
+    from lavis_dlip.blip.build import build_model
 
     cfg_path = CONFIGS / cfg_name
     raw = OmegaConf.load(cfg_path).model
@@ -71,7 +71,7 @@ def _checkpoint(cfg_name: str, path: Path, **overrides) -> tuple[str, Path]:
 def test_onnx_export_served_without_lavis(kind, tmp_path):
     from lavis_dlip.export import main
     from lavis_dlip.export.check import lavis_reference
-    from lavis_dlip.models.sources import trained_model
+    from lavis_dlip.blip.build import trained_model
 
     cfg_path, ckpt = _checkpoint(KINDS[kind], tmp_path / "model.pth")
     out = tmp_path / "onnx"
@@ -154,7 +154,7 @@ def test_hf_export_loads_in_transformers(kind, tmp_path):
     # LAVIS's public calls and transformers' (ITM scores; generated text token for token)
     from transformers import BlipProcessor
 
-    from lavis_dlip.models.sources import trained_model
+    from lavis_dlip.blip.build import trained_model
 
     model, _ = trained_model(cfg_path, str(ckpt))
     processor = BlipProcessor.from_pretrained(str(tmp_path / "hf"))
@@ -274,8 +274,8 @@ def test_lavis_own_blip_exports_through_the_same_command(tmp_path):
 
     from lavis_dlip.export import main
     from lavis_dlip.export.check import TOLERANCE
-    from lavis_dlip.models.stand_ins import blip_checkpoint
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.testing.stand_ins import blip_checkpoint
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     med = json.loads(Path(get_abs_path("configs/models/med_config.json")).read_text())
     (tmp_path / "med.json").write_text(json.dumps({**med, "num_hidden_layers": 2}))

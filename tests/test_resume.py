@@ -118,7 +118,7 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
     touches no new pages (glibc would otherwise map it fresh every time: 16,384 page faults)."""
     import resource
 
-    from lavis_dlip.runners.runner_dlip import keep_freed_memory
+    from lavis_dlip.process import keep_freed_memory
 
     assert not keep_freed_memory({"keep_freed_memory": False}, torch.device("cpu"))
     assert not keep_freed_memory({}, torch.device("cuda"))

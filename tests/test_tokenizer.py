@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lavis_dlip.models.tokenizer import (
+from lavis_dlip.blip.tokenizer import (
     OFFLINE_VOCAB,
     current_source,
     TokenizerNotFoundError,

@@ -52,6 +52,10 @@ import torch.nn.functional as F
 
 from lavis_dlip.distill.outputs import MinedPairs, positive_pairs, scored_positions
 from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip import checkpoint
+from lavis_dlip.distill.capture import Capture
+from lavis_dlip.blip.teacher import teacher_model_config, weights_identity
+from lavis_dlip.process import barrier
 
 VERSION = 2  # 2: chunks packed into one buffer per dtype (save_chunk)
 CACHE_KEYS = ("dir", "augmentations", "topk", "dtype", "chunk", "seed")
@@ -168,7 +172,6 @@ class ReplayDataset(torch.utils.data.Dataset):
         if name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
-
 
 # ----------------------------------------------------------------------------- what is stored
 STREAM_FIELDS = {"text", "fusion", "decoder"}  # per-token fields trimmed to the sample's tokens
@@ -324,27 +327,16 @@ def entry_bytes(entry: Mapping[str, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------- keys
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def teacher_key(teacher_cfg: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
     """The teacher's identity without loading it: its model config and its weights' file."""
     from omegaconf import OmegaConf
-
-    from lavis_dlip import checkpoint
-    from lavis_dlip.distill.teacher import teacher_model_config
 
     model_cfg = OmegaConf.to_container(teacher_model_config(teacher_cfg, base_dir), resolve=True)
     weights = teacher_cfg.get("checkpoint")
     if not teacher_cfg.get("load_weights", True):
         identity = "random"
-    elif weights and not checkpoint.is_url(str(weights)):
-        identity = "sha256:" + file_sha256(checkpoint.local_path(str(weights)))
+    elif weights:
+        identity = weights_identity(str(weights))
     else:
         identity = str(weights or model_cfg.get("finetuned") or model_cfg.get("pretrained"))
     return {"model": _digest(model_cfg), "weights": identity}
@@ -489,7 +481,6 @@ def chunk_name(c: int) -> str:
 def save_chunk(entries: list[dict[str, Any]], path: str) -> None:
     """Write one chunk's entries: every tensor becomes a slice of one flat buffer per
     dtype, referenced from a JSON index as ``{"t": [dtype, offset, shape]}``."""
-    from lavis_dlip import checkpoint as ckpt
 
     parts: dict[str, list[torch.Tensor]] = {}
     sizes: dict[str, int] = {}
@@ -508,7 +499,7 @@ def save_chunk(entries: list[dict[str, Any]], path: str) -> None:
         return value
 
     index = json.dumps(pack(entries))
-    ckpt.atomic_save({"buffers": {k: torch.cat(v) for k, v in parts.items()}, "index": index}, path)
+    checkpoint.atomic_save({"buffers": {k: torch.cat(v) for k, v in parts.items()}, "index": index}, path)
 
 
 def load_chunk(path: str) -> list[dict[str, Any]]:
@@ -593,9 +584,6 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
     from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
     from tqdm.auto import tqdm
 
-    from lavis_dlip.distill.capture import Capture
-    from lavis_dlip.runners.runner_dlip import barrier
-
     directory = Path(cache_cfg["dir"])
     if spec is None:
         spec = Spec.from_terms(list(student.dlip_distill.terms), int(cache_cfg["topk"]))
@@ -666,7 +654,7 @@ def build(student, teacher, dataset: ReplayDataset, cache_cfg: Mapping[str, Any]
 
 def chunk_record(path: Path) -> dict[str, Any]:
     """What the manifest keeps of a written chunk, to find it damaged later."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(str(path))}
+    return {"bytes": path.stat().st_size, "sha256": checkpoint.file_sha256(str(path))}
 
 
 def chunk_problem(path: Path, record: Optional[Mapping[str, Any]], full: bool = True) -> Optional[str]:
@@ -678,7 +666,7 @@ def chunk_problem(path: Path, record: Optional[Mapping[str, Any]], full: bool = 
     if record is not None:
         if path.stat().st_size != record["bytes"]:
             return f"{path.stat().st_size} bytes, the manifest says {record['bytes']}"
-        if full and file_sha256(str(path)) != record["sha256"]:
+        if full and checkpoint.file_sha256(str(path)) != record["sha256"]:
             return "its checksum differs from the manifest's"
         return None
     try:

@@ -5,7 +5,7 @@ pairs, fused negative pairs; the decoder once), so hooks record *calls*: each ca
 keeps its token ids, padding mask, the image embeddings it attended to, its last
 hidden state, and only those per-layer tensors that some loss term asked for.
 
-Streams are the modules of ``models/layout.py`` (layer ``i`` of a stream is its
+Streams are the modules of ``blip/layout.py`` (layer ``i`` of a stream is its
 ``i``-th layer there):
 
 * ``vision``: ViT blocks (``hidden``, ``attn``);
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from lavis_dlip.models.layout import STREAMS, stream_layers
+from lavis_dlip.blip.layout import STREAMS, stream_layers
 
 __all__ = ["KINDS", "STREAMS", "Capture", "Call", "Point", "Records", "stream_layers"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavis_dlip.errors import ConfigError, check_keys
-from lavis_dlip.models.layout import select_layers, stream_layers, stream_width
+from lavis_dlip.blip.layout import select_layers, stream_layers, stream_width
 from lavis_dlip.distill.capture import KINDS, STREAMS, Point
 from lavis_dlip.distill.outputs import BlipOutputs, DistillError
 

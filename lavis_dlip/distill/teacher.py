@@ -1,66 +1,28 @@
 """The frozen teacher: any LAVIS BLIP model, loaded from its registry name and
-model type (weights from LAVIS's yaml URLs, a checkpoint path or URL, or random),
-queried module by module so that it never updates its momentum encoders or queues.
-
-``distill.teacher`` keys:
-
-* ``arch``, ``model_type``: a registered model (``blip_retrieval``/``coco``,
-  ``blip_pretrain``/``base``, ``dlip_retrieval``/``base``, ...);
-* ``cfg_path``: instead, take the ``model`` section of a run yaml (a teacher
-  trained with this project), relative to the distillation yaml;
-* ``overrides``: model-config keys merged on top (e.g. ``{image_size: 224}``);
-* ``checkpoint``: weights to load (path or URL); replaces the model type's own;
-* ``load_weights``: ``False`` builds the teacher with random weights (dry runs, tests).
-"""
+model type (weights from LAVIS's yaml URLs, a checkpoint path or URL, or random;
+``distill.teacher``'s keys: ``blip/teacher.py``), queried module by module so that it
+never updates its momentum encoders or queues."""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
+from lavis_dlip.errors import CheckpointError, ConfigError
 from lavis_dlip.distill.capture import Capture, Point, Records
 from lavis_dlip.distill.outputs import BlipOutputs, fused_pass, match_rows
 from lavis_dlip.models.components import ScoredLMHeadDecoder
-
-TEACHER_KEYS = ("arch", "model_type", "cfg_path", "overrides", "checkpoint", "load_weights")
+from lavis_dlip import checkpoint as ckpt
+from lavis_dlip.blip.build import build_model, random_model
+from lavis_dlip.blip.layout import module_layout
+from lavis_dlip.blip.teacher import read_weights, teacher_model_config
+from lavis_dlip.blip.tokenizer import tokenizer_source
+from lavis_dlip.models.base import DlipModelMixin
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".", where: str = "distill.teacher") -> Any:
-    """The teacher's model config (validated, nothing built); ``where`` names the
-    yaml section in errors (``distill.teacher`` or ``model.init.teacher``)."""
-    from lavis.common.registry import registry
-
-    check_keys(cfg, TEACHER_KEYS, where)
-    if cfg.get("cfg_path"):
-        path = cfg["cfg_path"] if os.path.isabs(cfg["cfg_path"]) else os.path.join(base_dir, cfg["cfg_path"])
-        if not os.path.isfile(path):
-            raise ConfigError(f"{where}.cfg_path: file not found: {path}")
-        model_cfg = OmegaConf.load(path).get("model")
-        if model_cfg is None:
-            raise ConfigError(f"{where}.cfg_path: {path} has no 'model' section")
-    else:
-        model_cfg = OmegaConf.create({k: cfg.get(k) for k in ("arch", "model_type")})
-    arch, model_type = model_cfg.get("arch"), model_cfg.get("model_type")
-    model_cls = registry.get_model_class(arch) if arch else None
-    if model_cls is None:
-        raise ConfigError(f"{where}.arch: '{arch}' is not a registered LAVIS model")
-    if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
-        raise ConfigError(f"{where}.model_type: '{model_type}' is not a type of '{arch}'; "
-                          f"known: {', '.join(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
-    preset = OmegaConf.load(model_cls.default_config_path(model_type)).model
-    merged = OmegaConf.merge(preset, model_cfg, OmegaConf.create(dict(cfg.get("overrides") or {})))
-    if cfg.get("checkpoint") or not cfg.get("load_weights", True):
-        merged.load_finetuned = False
-        merged.load_pretrained = False
-    return merged
 
 
 def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool = False) -> FrozenTeacher:
@@ -68,18 +30,13 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool =
     (its outputs come from a cache; terms need only its layout and widths)."""
     from lavis.common.registry import registry
 
-    from lavis_dlip.models.tokenizer import tokenizer_source
-
     model_cfg = teacher_model_config(cfg, base_dir)
     if shape_only:
-        from lavis_dlip.models.sources import build_model
-
         return FrozenTeacher(build_model(model_cfg, meta=True))
     with tokenizer_source(model_cfg.get("tokenizer")):
         if cfg.get("load_weights", True):
             model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
         else:  # dry runs and tests: the teacher's shape with random stand-in weights
-            from lavis_dlip.models.stand_ins import random_model
 
             model = random_model(model_cfg)
     checkpoint = cfg.get("checkpoint")
@@ -91,17 +48,15 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool =
 
 
 def _load_weights(model: nn.Module, checkpoint: str, key: str) -> None:
-    """Our models load strictly with one-line errors; LAVIS's own loader (it also
-    resizes position embeddings) raises bare pickle or shape errors, named here."""
-    from lavis_dlip import checkpoint as ckpt
-    from lavis_dlip.models.base import DlipModelMixin
-
+    """The checkpoint (read once: ``blip.teacher.read_weights``) into the teacher: our models
+    strictly, with one-line errors; LAVIS's own as its ``load_checkpoint`` loads them
+    (not strictly), a file that does not fit named here."""
+    state = read_weights(checkpoint, key)
     if isinstance(model, DlipModelMixin):
-        model.load_checkpoint(checkpoint, key=key)
+        model.load_state(state, checkpoint, key)
         return
-    ckpt.check_exists(checkpoint, key)
     try:
-        model.load_checkpoint(checkpoint)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state, strict=False)
     except Exception as err:
         raise CheckpointError(f"{key}: {checkpoint} cannot be loaded into {type(model).__name__} "
                               f"({type(err).__name__}: {ckpt.first_line(err)})") from None
@@ -179,12 +134,10 @@ class FrozenTeacher:
             out.mined = out.mine_negatives(positives)
         return out
 
-
     def _decoder_memory(self, call, student: Records, image_embeds, atts, fused: dict, fuse):
-        """What the teacher's decoder attends to, as ``models/layout.py`` says: the
+        """What the teacher's decoder attends to, as ``blip/layout.py`` says: the
         teacher's image embeddings (captioning, pre-training) or its fused question
         states (BLIP's VQA answer decoder), row for row as the student's decoder saw them."""
-        from lavis_dlip.models.layout import module_layout
 
         if module_layout(self.model, "decoder").cross_stream == "vision":
             idx = match_rows(call.encoder_hidden_states, student.image, "student decoder pass")

@@ -1,5 +1,4 @@
 """Export a trained student (or LAVIS's own BLIP model) out of LAVIS:
-
     python -m lavis_dlip.export --cfg-path RUN_YAML --checkpoint CKPT --format onnx --out DIR
     python -m lavis_dlip.export --cfg-path RUN_YAML --checkpoint CKPT --format hf --out DIR
 
@@ -22,6 +21,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lavis_dlip.errors import ConfigError
+from lavis_dlip import serve
+from lavis_dlip.blip.build import trained_model
+from lavis_dlip.cli import main_guard
+from lavis_dlip.export import hf, onnx
+from lavis_dlip.export.check import compare
 
 FORMATS = ("onnx", "hf")
 
@@ -29,8 +33,6 @@ FORMATS = ("onnx", "hf")
 def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence[str] = (),
            check: bool = True) -> dict[str, Any]:
     """Export and (``check``) compare with the PyTorch model; what was written and measured."""
-    from lavis_dlip.export import hf, onnx
-    from lavis_dlip.models.sources import trained_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
@@ -47,8 +49,6 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
         else:
             from omegaconf import OmegaConf
 
-            from lavis_dlip import serve
-
             run_cfg = OmegaConf.load(cfg_path).get("run") or {}
             files = onnx.export_onnx(model, kind, tmp)
             model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -58,8 +58,6 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
             info = {"format": "onnx", "kind": kind, "files": files}
         info["export_s"] = round(time.time() - start, 1)
         if check:
-            from lavis_dlip.export.check import compare
-
             info["max_abs_diff"] = compare(model, tmp, fmt)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an export that failed its check leaves nothing
@@ -68,7 +66,6 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
     tmp.rename(target)
     (target / RECORD).write_text(json.dumps(info, indent=2))
     return info
-
 
 RECORD = "dlip_export.json"  # written last into every export: what makes a directory one of ours to replace
 
@@ -89,8 +86,6 @@ def check_target(target: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lavis_dlip.cli import main_guard
-
     parser = argparse.ArgumentParser(description="Export a BLIP/DLIP model to ONNX or Hugging Face transformers.")
     parser.add_argument("--cfg-path", required=True, help="the run yaml the model was trained with")
     parser.add_argument("--checkpoint", required=True, help="its weights (a runner checkpoint or a state dict)")
@@ -100,14 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the PyTorch model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import lavis_dlip  # noqa: F401  (registers the models)
 
     def run() -> None:
         info = export(args.cfg_path, args.checkpoint, args.format, args.out, args.options, not args.no_check)
         print(json.dumps(info, indent=2))
 
     return main_guard(run)
-
 
 if __name__ == "__main__":
     sys.exit(main())

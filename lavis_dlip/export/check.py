@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from lavis_dlip.errors import ConfigError
+from lavis_dlip.export.hf import HF_CLASSES, kind_of
+from lavis_dlip.serve import load
 
 TEXTS = ["a red circle in the top left", "two blue squares on a white background", "a picture of a dog"]
 QUESTIONS = ["what color is the circle?", "how many shapes are there?", "is there a red square?"]
@@ -62,8 +64,6 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_onnx(model: torch.nn.Module, directory: Path) -> dict[str, float]:
-    from lavis_dlip.serve import load
-
     served = load(directory)
     kind = served.cfg["kind"]
     images = example_images()
@@ -86,8 +86,6 @@ def compare_onnx(model: torch.nn.Module, directory: Path) -> dict[str, float]:
 def compare_hf(model: torch.nn.Module, directory: Path) -> dict[str, float]:
     import transformers
     from transformers import BlipProcessor
-
-    from lavis_dlip.export.hf import HF_CLASSES, kind_of
 
     kind = kind_of(model)
     hf_model = getattr(transformers, HF_CLASSES[kind]).from_pretrained(str(directory)).eval()

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lavis_dlip.errors import ConfigError
+from lavis_dlip.blip.layout import is_training_state
 
 HF_CLASSES = {"retrieval": "BlipForImageTextRetrieval", "caption": "BlipForConditionalGeneration",
               "vqa": "BlipForQuestionAnswering"}
@@ -59,8 +60,6 @@ HF_VISION_EPS = 1e-5
 RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
 # modules kept under the same name (BERT bodies and heads)
 SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
-# training-only state: momentum encoders, ITC queues, the ITC temperature
-DROPPED = re.compile(r"^(\w+_m\.|image_queue$|text_queue$|idx_queue$|queue_ptr$|temp$)")
 
 
 def kind_of(model: nn.Module) -> str:
@@ -145,7 +144,7 @@ def hf_state(state: dict[str, torch.Tensor], eps: float) -> tuple[dict[str, torc
     scale = (HF_VISION_EPS / eps) ** 0.5
     out, dropped, unknown = {}, [], []
     for key, value in state.items():
-        if DROPPED.match(key):
+        if is_training_state(key) or key == "temp":  # momentum copies, ITC queues and temperature
             dropped.append(key)
         elif key.startswith("visual_encoder."):
             rel = key[len("visual_encoder."):]

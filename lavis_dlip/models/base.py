@@ -10,6 +10,10 @@ from typing import Any, Mapping
 import torch
 
 from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
+from lavis_dlip import checkpoint as ckpt
+from lavis_dlip.models.components import decoder_config, vision_config
+from lavis_dlip.models.init import apply_init, parse_init
+from lavis_dlip.blip.layout import QUEUES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 
@@ -48,8 +52,6 @@ class DlipModelMixin:
     @classmethod
     def check_config(cls, cfg: Mapping[str, Any]) -> None:
         """Every key and section of the model config (nothing is built)."""
-        from lavis_dlip.models.components import decoder_config, vision_config
-        from lavis_dlip.models.init import parse_init
 
         check_keys(cfg, COMMON_KEYS + cls.MODEL_KEYS, "model")
         vision_config(cfg)
@@ -62,7 +64,6 @@ class DlipModelMixin:
         checkpoint named by ``finetuned``/``pretrained``, which overrides it. With a
         finetuned checkpoint (evaluation) the init is skipped: the strict load
         replaces every weight, and the init's teacher need not be at hand."""
-        from lavis_dlip.models.init import apply_init
 
         finetuned = cfg.get("load_finetuned", False) and cfg.get("finetuned")
         self.init_report = apply_init(self, None if finetuned else cfg.get("init"))
@@ -81,9 +82,11 @@ class DlipModelMixin:
         """Strict load of ``ckpt['model']`` (or a bare state dict): LAVIS's loader
         silently ignores missing and mismatched keys, which hides a wrong preset.
         Errors are one line naming the file and ``key``, the config key that named it."""
-        from lavis_dlip import checkpoint as ckpt
 
-        checkpoint = ckpt.read(url_or_filename, key)
+        self.load_state(ckpt.read(url_or_filename, key), url_or_filename, key)
+
+    def load_state(self, checkpoint: Any, url_or_filename: str, key: str = "checkpoint") -> None:
+        """``load_checkpoint`` of an object already read (``ckpt['model']`` or a state dict)."""
         state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
         if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
             raise CheckpointError(f"{key}: {url_or_filename} holds no state dict (a mapping of tensors, "
@@ -122,7 +125,7 @@ def _drop_absent_modules(state_dict: dict, own: dict, name: str) -> dict:
         logger.info("%s: ignoring modules this model does not have: %s", name, ", ".join(dropped))
     kept = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in present}
     # Queues are training state of one task's model (BLIP pre-training -> retrieval changes them): keep ours.
-    queues = [k for k in own if k.endswith("queue") or k == "queue_ptr"]
+    queues = [k for k in own if k in QUEUES]
     if any(k not in kept or kept[k].shape != own[k].shape for k in queues):
         kept.update({k: own[k] for k in queues})
     return kept

@@ -8,7 +8,7 @@ from lavis.models.blip_models.blip_caption import BlipCaption
 
 from lavis_dlip.models.base import DlipModelMixin, preset_files
 from lavis_dlip.models.components import build_text_decoder, build_vision_encoder
-from lavis_dlip.models.tokenizer import tokenizer_source
+from lavis_dlip.blip.tokenizer import tokenizer_source
 
 
 @registry.register_model("dlip_caption")

@@ -19,7 +19,7 @@ from lavis_dlip.models.components import (
     decoder_config,
     text_config,
 )
-from lavis_dlip.models.tokenizer import tokenizer_source
+from lavis_dlip.blip.tokenizer import tokenizer_source
 
 
 @registry.register_model("dlip_pretrain")

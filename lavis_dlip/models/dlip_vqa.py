@@ -13,7 +13,7 @@ from lavis_dlip.models.components import (
     build_text_encoder,
     build_vision_encoder,
 )
-from lavis_dlip.models.tokenizer import tokenizer_source
+from lavis_dlip.blip.tokenizer import tokenizer_source
 
 
 @registry.register_model("dlip_vqa")

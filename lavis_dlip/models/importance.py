@@ -20,12 +20,12 @@ import contextvars
 import logging
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.models.layout import layouts, module_of
+from lavis_dlip.blip.layout import layouts, module_of
 
 CRITERIA = ("magnitude", "first", "activation")
 NORM = re.compile(r"(norm\d?|LayerNorm)\.weight$")
@@ -50,28 +50,6 @@ def calibration_data(batches: Optional[Iterable[dict]]) -> Iterator[None]:
         yield
     finally:
         _BATCHES.reset(token)
-
-
-def calibration_batches(init_cfg: Any, datasets: Mapping, seed: int = 0) -> Optional[list[dict]]:
-    """The batches ``activation`` measures on: ``model.init.calibration.batches``
-    (default 4) batches of ``batch_size`` (default 8) training records, drawn with
-    ``seed`` from the first data set with a train split; None if no module of
-    ``init_cfg`` ranks by activation."""
-    from lavis_dlip.models.init import parse_init
-
-    if not init_cfg or not any(c == "activation" for _s, _st, c in parse_init(init_cfg).values()):
-        return None
-    calib = dict(init_cfg.get("calibration") or {})
-    n, size = int(calib.get("batches", 4)), int(calib.get("batch_size", 8))
-    train = next((splits["train"] for splits in datasets.values() if "train" in splits), None)
-    if train is None:
-        raise ConfigError("model.init.criterion activation: no data set has a train split to calibrate on")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: n * size].tolist()
-    batches = []
-    for start in range(0, len(order), size):
-        batch = train.collater([train[i] for i in order[start:start + size]])
-        batches.append({**batch, "epoch": 0, "iters": 0, "num_iters_per_epoch": 1})
-    return batches
 
 
 class Importance:

@@ -1,6 +1,6 @@
 """Module-wise initialisation of DLIP students (``model.init`` in yaml).
 
-Each module (vision, text, fusion, decoder, heads; see ``models/layout.py``) is
+Each module (vision, text, fusion, decoder, heads; see ``blip/layout.py``) is
 initialised on its own:
 
 * ``random``: leave LAVIS's initialisation;
@@ -39,7 +39,7 @@ import torch
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.models import sources
 from lavis_dlip.models.importance import CRITERIA, Importance, importance, top
-from lavis_dlip.models.layout import MODULES, ModuleLayout, module_keys, module_layout, select_layers
+from lavis_dlip.blip.layout import MODULES, ModuleLayout, module_keys, module_layout, select_layers
 
 logger = logging.getLogger(__name__)
 
@@ -367,3 +367,23 @@ def _check_heads(module: str, student: ModuleLayout, source: ModuleLayout) -> No
     if source.heads and source.heads != student.heads:
         raise ConfigError(f"model.init.{module}: the pretrained source has {source.heads} attention heads, the "
                           f"student {student.heads}; a copy would split its heads differently (match them)")
+
+
+def calibration_batches(init_cfg: Any, datasets: Mapping, seed: int = 0) -> Optional[list[dict]]:
+    """The batches ``activation`` measures on: ``model.init.calibration.batches``
+    (default 4) batches of ``batch_size`` (default 8) training records, drawn with
+    ``seed`` from the first data set with a train split; None if no module of
+    ``init_cfg`` ranks by activation."""
+    if not init_cfg or not any(c == "activation" for _s, _st, c in parse_init(init_cfg).values()):
+        return None
+    calib = dict(init_cfg.get("calibration") or {})
+    n, size = int(calib.get("batches", 4)), int(calib.get("batch_size", 8))
+    train = next((splits["train"] for splits in datasets.values() if "train" in splits), None)
+    if train is None:
+        raise ConfigError("model.init.criterion activation: no data set has a train split to calibrate on")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: n * size].tolist()
+    batches = []
+    for start in range(0, len(order), size):
+        batch = train.collater([train[i] for i in order[start:start + size]])
+        batches.append({**batch, "epoch": 0, "iters": 0, "num_iters_per_epoch": 1})
+    return batches

@@ -16,19 +16,22 @@ its config, never guessed from tensor shapes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from lavis_dlip import checkpoint
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.models.layout import ModuleLayout, module_layout
+from lavis_dlip.blip.layout import ModuleLayout, module_layout
+from lavis_dlip.blip.build import random_state
+from lavis_dlip.blip.tokenizer import resolve_source
+from lavis_dlip.blip.teacher import TEACHER_KEYS, read_weights, teacher_model_config
+from lavis_dlip.blip.build import build_model
+from lavis_dlip.blip.layout import is_training_state
 
 TIMM_ONLY = ("head.", "head_dist.", "fc_norm.", "dist_token", "pre_logits.")
 
@@ -55,7 +58,7 @@ class Source:
             raise ConfigError(f"{self.name} is not a BLIP model; data-driven importance needs the teacher")
         model = build_model(self.model_cfg, meta=False)
         missing, _ = model.load_state_dict(self.state, strict=False)
-        needed = [k for k in missing if not k.split(".")[0].endswith("_m") and "queue" not in k]
+        needed = [k for k in missing if not is_training_state(k)]
         if needed:
             raise ConfigError(f"{self.name} lacks {len(needed)} weights of its model, e.g. '{needed[0]}'")
         return model.eval()
@@ -67,53 +70,13 @@ def _state(obj: Any) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def build_model(model_cfg: Any, meta: bool = True) -> nn.Module:
-    """A registered model from its config, random weights, nothing downloaded;
-    ``meta``: on the meta device (its layout, no memory)."""
-    from lavis.common.registry import registry
-
-    from lavis_dlip import compat
-    from lavis_dlip.models.tokenizer import tokenizer_source
-
-    cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True))
-    cfg.pop("init", None)
-    cfg.load_finetuned, cfg.load_pretrained = False, False
-    cls = registry.get_model_class(cfg.get("arch"))
-    device = compat.meta_device() if meta else contextlib.nullcontext()
-    with compat.random_weights(), tokenizer_source(cfg.get("tokenizer")), device:
-        return cls.from_config(cfg)
-
-
-def trained_model(cfg_path: str, weights: str, options: Any = ()) -> tuple[nn.Module, Any]:
-    """The model of a run yaml (its ``model`` section over its ``model_type`` defaults,
-    ``options`` applied) with the checkpoint ``weights``, in eval mode; and that config.
-    ``model.init`` is skipped: the checkpoint replaces every weight."""
-    from lavis.common.registry import registry
-
-    from lavis_dlip.models.tokenizer import tokenizer_source
-
-    checkpoint.check_exists(str(weights), "--checkpoint")
-    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options)))
-    if "model" not in raw or "arch" not in raw.model:
-        raise ConfigError(f"{cfg_path}: no model.arch; give a run yaml with a model section")
-    cls = registry.get_model_class(raw.model.arch)
-    if cls is None:
-        raise ConfigError(f"{cfg_path}: model.arch '{raw.model.arch}' is not a registered model")
-    defaults = OmegaConf.load(cls.default_config_path(raw.model.get("model_type", "base"))).model
-    model_cfg = OmegaConf.merge(defaults, raw.model, {"init": None, "finetuned": str(weights), "load_finetuned": True})
-    with tokenizer_source(model_cfg.get("tokenizer")):
-        return cls.from_config(model_cfg).eval(), model_cfg
-
-
 # ----------------------------------------------------------------------------- one filter per source
 def lavis_teacher(spec: Any, where: str) -> Source:
     """A LAVIS BLIP checkpoint and the model config it was saved from."""
-    from lavis_dlip.distill.teacher import TEACHER_KEYS, teacher_model_config
 
     if isinstance(spec, Mapping):
         model_cfg = teacher_model_config(spec, os.getcwd(), where=where)
         if not spec.get("load_weights", True):  # dry runs: the teacher's shape with random weights
-            from lavis_dlip.models.stand_ins import random_state
 
             model = build_model(model_cfg)
             return Source(f"random {model_cfg.arch}/{model_cfg.model_type}", random_state(model), model, model_cfg)
@@ -122,8 +85,8 @@ def lavis_teacher(spec: Any, where: str) -> Source:
             raise ConfigError(f"{where}.checkpoint: give the weights to inherit (path or URL); "
                               f"{model_cfg.arch}/{model_cfg.model_type} names none of its own")
         key = f"{where}.checkpoint" if spec.get("checkpoint") else f"{where} ({model_cfg.arch}'s own weights)"
-        return Source(str(weights), _state(checkpoint.read(weights, key)), build_model(model_cfg), model_cfg)
-    obj = checkpoint.read(spec, where)
+        return Source(str(weights), _state(read_weights(weights, key)), build_model(model_cfg), model_cfg)
+    obj = read_weights(spec, where)
     config = obj.get("config") if isinstance(obj, dict) else None
     saved = config.get("model") if isinstance(config, dict) else None
     if not saved or "arch" not in saved:
@@ -169,8 +132,6 @@ def hf_bert(path: str, module: str, where: str) -> Source:
 
 
 def pretrained(module: str, spec: Mapping[str, Any], where: str) -> Source:
-    from lavis_dlip.models.tokenizer import resolve_source
-
     if module not in ("vision", "text", "decoder"):
         raise ConfigError(f"{where}: strategy 'pretrained' is for vision, text and decoder "
                           "(a BERT has no cross-attention or BLIP heads); use teacher or random")

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+from lavis_dlip.cli import main_guard
+from lavis_dlip.study.run import run_study
+from lavis_dlip.study.spec import load_study
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -18,11 +21,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--options", nargs="+", default=[], help="study.key=value overrides of the study yaml")
     args = parser.parse_args(argv)
 
-    import lavis_dlip  # noqa: F401  (registers the plugin)
-    from lavis_dlip.cli import main_guard
-    from lavis_dlip.study.run import run_study
-    from lavis_dlip.study.spec import load_study
-
     def go() -> None:
         spec = load_study(args.cfg_path, args.options)
         if args.parallel:
@@ -30,7 +28,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_study(spec, dry_run=args.dry_run, emit_path=Path(args.emit) if args.emit else None, only=args.only)
 
     return main_guard(go)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,10 +28,21 @@ from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.stages import Progress, Stage, run_stages
+from lavis_dlip.study.records import finished, record
 from lavis_dlip.study.spec import Arm, StudySpec, apply_options
+from lavis_dlip.blip.tokenizer import tokenizer_source
+from lavis_dlip.cache_teacher import build_cache
+from lavis_dlip.cli import build_runner, run
+from lavis_dlip.config import load_config
+from lavis_dlip.distill.cache import BUILDING, Spec, read_manifest
+from lavis_dlip.distill.distiller import ATTRIBUTE
+from lavis_dlip.distill.losses import TERMS, teacher_free_terms
+from lavis_dlip.blip.teacher import teacher_model_config
+from lavis_dlip.study import search as shape_search
+from lavis_dlip.study.write import headline, write
+from lavis_dlip.teachers import drop_earlier_runs, teacher_cache, train_or_reuse_teacher
 
 GROUP = "study"
-RUN_RECORD = "run.json"  # written into a run's directory when it finished
 DISTILL_TASKS = {"retrieval": "dlip_distill_retrieval", "dlip_captioning": "dlip_distill_captioning",
                  "captioning": "dlip_distill_captioning", "vqa": "dlip_distill_vqa",
                  "image_text_pretrain": "dlip_distill_pretrain"}
@@ -67,8 +78,6 @@ def teacher_data(train_yaml: str) -> Path:
 
 
 def teacher_checkpoint(spec: StudySpec) -> Path:
-    from lavis_dlip.teachers import teacher_cache
-
     if spec.teacher.get("checkpoint"):
         return Path(spec.teacher["checkpoint"])
     train = Path(spec.teacher["train"])
@@ -76,8 +85,6 @@ def teacher_checkpoint(spec: StudySpec) -> Path:
 
 
 def _train_teacher(train_yaml: str, out: str, options: list[str]) -> dict:
-    from lavis_dlip.teachers import train_or_reuse_teacher
-
     result = train_or_reuse_teacher(Path(train_yaml), teacher_data(train_yaml), Path(out), options)
     return {**result, "checkpoint": str(result["checkpoint"])}
 
@@ -106,14 +113,12 @@ def teacher_eval_options(spec: StudySpec, ckpt: Path, out: Path) -> tuple[str, l
 
 
 def _evaluate(cfg: str, options: list[str], out: str) -> dict:
-    from lavis_dlip.cli import run
-
-    done = _finished(Path(out))
+    done = finished(Path(out))
     if done:
         return {**done, "seconds": 0.0, "reused": True}
     start = time.time()
     run(cfg, options, evaluate=True)
-    return _record(Path(out), start, options)
+    return record(Path(out), start, options)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -124,8 +129,6 @@ def run_key(spec: StudySpec, options: Sequence[str]) -> str:
 
 
 def uses_teacher(spec: StudySpec, options: Sequence[str]) -> bool:
-    from lavis_dlip.distill.losses import TERMS
-
     terms = spec.base_raw(options).distill.get("terms") or []
     return any(t.get("name") in TERMS and not TERMS[t["name"]].teacher_free for t in terms)
 
@@ -154,38 +157,16 @@ def plan(spec: StudySpec, arms: Sequence[Arm]) -> list[RunPlan]:
     return plans
 
 
-def _finished(out: Path) -> Optional[dict]:
-    record = out / RUN_RECORD
-    if not record.is_file():
-        return None
-    data = json.loads(record.read_text())
-    return data if (Path(data["job"]) / "metrics.json").is_file() else None
-
-
-def _record(out: Path, start: float, options: Sequence[str]) -> dict:
-    from lavis_dlip.teachers import job_dir
-
-    job = job_dir(out)
-    data = {"job": str(job), "seconds": time.time() - start, "options": list(options),
-            "test": json.loads((job / "metrics.json").read_text()).get("test", {})}
-    tmp = out / (RUN_RECORD + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out / RUN_RECORD)
-    return data
-
-
 def _train(base: str, options: list[str], out: str) -> dict:
     """One run of the study, unless it finished before (then its record, ``reused``)."""
-    from lavis_dlip.cli import run
-    from lavis_dlip.teachers import drop_earlier_runs
 
-    done = _finished(Path(out))
+    done = finished(Path(out))
     if done:
         return {**done, "seconds": 0.0, "reused": True}
     drop_earlier_runs(Path(out))  # a killed attempt's directory
     start = time.time()
     run(base, options)
-    return _record(Path(out), start, options)
+    return record(Path(out), start, options)
 
 
 # ----------------------------------------------------------------------------- the shared cache
@@ -193,11 +174,6 @@ def union_fields(spec: StudySpec, plans: Sequence[RunPlan]) -> list[str]:
     """Every field some arm's terms read: each distinct cached recipe's student and terms are
     built (layer maps depend on the student's shape) and their cache specs united."""
     import lavis.tasks as tasks
-
-    from lavis_dlip.config import load_config
-    from lavis_dlip.distill.cache import BUILDING, Spec
-    from lavis_dlip.distill.distiller import ATTRIBUTE
-    from lavis_dlip.models.tokenizer import tokenizer_source
 
     fields: set[str] = set()
     seen = set()
@@ -223,9 +199,6 @@ def union_fields(spec: StudySpec, plans: Sequence[RunPlan]) -> list[str]:
 
 
 def _build_cache(base: str, options: list[str], plans: list[RunPlan], spec: StudySpec) -> dict:
-    from lavis_dlip.cache_teacher import build_cache
-    from lavis_dlip.distill.cache import read_manifest
-
     directory = spec.output_dir / "cache"
     reused = bool((read_manifest(str(directory)) or {}).get("complete"))
     start = time.time()
@@ -247,16 +220,14 @@ def stages(spec: StudySpec, plans: Sequence[RunPlan]) -> tuple[dict, dict]:
     if "teacher" in spec.references:
         cfg, options = teacher_eval_options(spec, ckpt, out / "teacher_eval")
         st[(GROUP, "teacher eval")] = Stage(_evaluate, (cfg, options, str(out / "teacher_eval")), after,
-                                            reused=_finished(out / "teacher_eval") is not None)
+                                            reused=finished(out / "teacher_eval") is not None)
     cached = [p for p in plans if p.cached]
     if cached:
-        from lavis_dlip.distill.cache import read_manifest
-
         st[(GROUP, "cache")] = Stage(_build_cache, (str(spec.base), cached[0].options, list(plans), spec), after,
                                      reused=bool((read_manifest(str(out / "cache")) or {}).get("complete")))
     for p in plans:
         st[(GROUP, p.stage)] = Stage(_train, (str(spec.base), p.options, str(p.out)),
-                                     ("cache",) if p.cached else after, reused=_finished(p.out) is not None)
+                                     ("cache",) if p.cached else after, reused=finished(p.out) is not None)
     logs = {key: out / "logs" / f"{key[1].replace(' ', '_')}.log" for key in st}
     return st, logs
 
@@ -278,9 +249,6 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
     """Seconds per run from one timed training step of the student (cached runs x CACHED_STEP),
     times the steps of the run's schedule; evaluation not counted."""
     import torch
-
-    from lavis_dlip.cli import build_runner
-    from lavis_dlip.config import load_config
 
     probe = [*spec.options, "model.init=null", "distill.teacher.load_weights=False", "distill.teacher.checkpoint=null",
              f"distill.terms={json.dumps(_own(spec))}", "distill.cache=null", "run.progress=False",
@@ -315,8 +283,6 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
 
 
 def _own(spec: StudySpec) -> list[dict]:
-    from lavis_dlip.distill.losses import teacher_free_terms
-
     return teacher_free_terms(spec.base_raw().distill.get("terms"))
 
 
@@ -340,16 +306,12 @@ def emit(spec: StudySpec, plans: Sequence[RunPlan], path: Path) -> None:
 def run_study(spec: StudySpec, dry_run: bool = False, emit_path: Optional[Path] = None,
               only: Optional[str] = None, progress_s: float = 60.0) -> Optional[dict]:
     """Plan, run what is missing (all of it, or ``only`` teacher / cache / report), write the report."""
-    from lavis_dlip.study import search as shape_search
-    from lavis_dlip.study.write import write
 
     arms = list(spec.arms)
     search_cfg = shape_search.parse(spec.search) if spec.search else None
     plans = plan(spec, arms)
     candidates, search_info = [], {}
     if search_cfg is not None:
-        from lavis_dlip.distill.teacher import teacher_model_config
-
         base = spec.base_raw()
         teacher_cfg = teacher_model_config(base.distill.teacher, str(spec.base.parent))
         candidates, search_info = shape_search.search(search_cfg, base, teacher_cfg,
@@ -393,12 +355,10 @@ def run_study(spec: StudySpec, dry_run: bool = False, emit_path: Optional[Path] 
 
 def _search_winner(spec: StudySpec, plans: Sequence[RunPlan], candidates):
     """The candidate whose short runs scored best (mean over seeds), its ``winner.yaml`` written."""
-    from lavis_dlip.study import search as shape_search
-    from lavis_dlip.study.write import headline
 
     scores = {}
     for c in candidates:
-        runs = [_finished(p.out) for p in plans if p.arm.name == c.arm]
+        runs = [finished(p.out) for p in plans if p.arm.name == c.arm]
         if c.arm and runs and all(runs):
             scores[c.arm] = sum(headline(r["test"]) for r in runs) / len(runs)
     if not scores:

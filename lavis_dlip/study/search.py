@@ -39,6 +39,12 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.blip.build import build_model
+from lavis_dlip.blip.layout import module_layout
+from lavis_dlip.datasets.builders import LocalBuilder
+from lavis_dlip.models.init import FROM_TEACHER, parse_init
+from lavis_dlip.report import Workloads, count_params, measure_models
+from lavis_dlip.study.spec import flow
 
 SEARCH_KEYS = ("budget", "space", "top", "latency_candidates", "options")
 BUDGETS = ("params", "flops", "latency_ms")
@@ -56,8 +62,6 @@ class Candidate:
     meta: dict = field(default_factory=dict)
 
     def options(self) -> list[str]:
-        from lavis_dlip.study.spec import flow
-
         return [f"model.{k}={flow(v)}" for k, v in self.shape.items()]
 
 
@@ -98,9 +102,6 @@ def _merged_model(base_raw) -> Any:
 
 def _teacher_limits(teacher_cfg, init) -> dict[str, tuple[int, int, int, int]]:
     """Per module filled from the teacher: (width, heads, head size, layers) of the teacher's."""
-    from lavis_dlip.models.init import FROM_TEACHER, parse_init
-    from lavis_dlip.models.layout import module_layout
-    from lavis_dlip.models.sources import build_model
 
     if not init:
         return {}
@@ -116,8 +117,6 @@ def _teacher_limits(teacher_cfg, init) -> dict[str, tuple[int, int, int, int]]:
 
 
 def _fits(student, limits) -> str:
-    from lavis_dlip.models.layout import module_layout
-
     for module, (width, heads, head_dim, layers) in limits.items():
         lay = module_layout(student, module)
         if lay is None:
@@ -131,8 +130,6 @@ def _fits(student, limits) -> str:
 
 def _flops(model, text_len: int) -> int:
     import torch
-
-    from lavis_dlip.report import Workloads
 
     size = int(model.visual_encoder.patch_embed.img_size[0])
     with torch.inference_mode():
@@ -150,9 +147,6 @@ def search(cfg: dict[str, Any], base_raw, teacher_cfg, text_len: int = 32, repea
            ) -> tuple[list[Candidate], dict[str, Any]]:
     """Every candidate with its costs and why it was dropped; the teacher's costs and the limits.
     The chosen ones (``dropped == ""``) are the ``top`` largest that fit, largest first."""
-    from lavis_dlip.models.sources import build_model
-
-    from lavis_dlip.report import count_params
 
     model_cfg = _merged_model(base_raw)
     teacher = build_model(teacher_cfg, meta=True)
@@ -222,9 +216,6 @@ def _latency(teacher_cfg, student_cfgs, candidates, text_len: int, repeats: int)
     """The candidates' and the teacher's inference latency (every workload summed), side by side."""
     import torch
 
-    from lavis_dlip.models.sources import build_model
-    from lavis_dlip.report import measure_models
-
     torch.manual_seed(0)
     models = {"teacher": build_model(teacher_cfg, meta=False).eval()}
     models.update({f"c{i}": build_model(cfg, meta=False).eval() for i, cfg in enumerate(student_cfgs)})
@@ -242,14 +233,11 @@ def _describe(shape: dict[str, Any]) -> str:
 def winner_yaml(base_raw, base_dir: str, shape: dict[str, Any], path) -> None:
     """The base run yaml (the study's options applied) with the winner's shape, its
     ``model.init`` map kept, its relative paths still read from ``base_dir``: ready to train."""
-    from lavis_dlip.study.spec import flow
 
     raw = OmegaConf.merge(base_raw, OmegaConf.from_dotlist([f"model.{k}={flow(v)}" for k, v in shape.items()]))
     if raw.get("distill") is not None and raw.distill.get("base_dir") is None:
         raw.distill.base_dir = base_dir
     from lavis.common.registry import registry
-
-    from lavis_dlip.datasets.builders import LocalBuilder
 
     for name, ds in (raw.get("datasets") or {}).items():
         builder = registry.get_builder_class(name)

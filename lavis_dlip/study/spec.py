@@ -36,6 +36,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.distill.cache import CACHE_KEYS
+from lavis_dlip.distill.losses import teacher_free_terms
 
 STUDY_KEYS = ("title", "base", "teacher", "seeds", "options", "references", "arms", "axes", "cache", "search",
               "output_dir", "parallel")
@@ -114,8 +116,6 @@ def expand_axes(axes: Any, where: str = "study.axes") -> list[Arm]:
 
 
 def reference_arms(names: Sequence[str], base_terms: Sequence[Any]) -> list[Arm]:
-    from lavis_dlip.distill.losses import teacher_free_terms
-
     own = f"distill.terms={json.dumps(teacher_free_terms(base_terms))}"
     make = {"base": (), "init_only": (own, "distill.balance=none"),
             "no_teacher": (own, "distill.balance=none", "model.init=null")}
@@ -190,7 +190,6 @@ def _parse(raw, path: Path) -> StudySpec:
     if parallel < 1:
         raise ConfigError(f"study.parallel must be an integer >= 1, got {s.parallel!r}")
     cache = dict(s.get("cache") or {})
-    from lavis_dlip.distill.cache import CACHE_KEYS
 
     check_keys(cache, [k for k in CACHE_KEYS if k != "dir"], "study.cache")
     out = Path(os.path.expanduser(str(s.get("output_dir") or f"output/study/{path.stem}")))

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lavis_dlip.study import stats
+from lavis_dlip.blip.build import build_model
+from lavis_dlip.config import load_config
+from lavis_dlip.blip.teacher import teacher_model_config
+from lavis_dlip.report import measure_models
+from lavis_dlip.study.records import finished
 
 logger = logging.getLogger(__name__)
 HEADLINE = {"r_mean": "mean R@k", "CIDEr": "CIDEr", "agg_metrics": "accuracy"}
@@ -47,15 +52,14 @@ def _step_s(job: str, batch: int) -> Optional[float]:
 
 def collect(spec, plans) -> tuple[Optional[dict], dict[str, dict]]:
     """The teacher's evaluation and, per arm, its finished runs (records, item scores)."""
-    from lavis_dlip.study.run import _finished
 
-    teacher = _finished(spec.output_dir / "teacher_eval")
+    teacher = finished(spec.output_dir / "teacher_eval")
     if teacher is not None:
         teacher["items"] = _items(teacher["job"])
     arms: dict[str, dict] = {}
     for p in plans:
         arm = arms.setdefault(p.arm.name, {"arm": p.arm, "runs": {}, "options": p.options})
-        record = _finished(p.out)
+        record = finished(p.out)
         if record is not None:
             batch = int(spec.base_raw(p.arm.options).run.batch_size_train)
             record.update(items=_items(record["job"]), step_s=_step_s(record["job"], batch))
@@ -76,11 +80,6 @@ def costs(spec, arms: dict[str, dict], repeats: int = 3) -> dict[str, dict]:
     with the teacher; arms of one shape measured once)."""
     import torch
     from omegaconf import OmegaConf
-
-    from lavis_dlip.config import load_config
-    from lavis_dlip.distill.teacher import teacher_model_config
-    from lavis_dlip.models.sources import build_model
-    from lavis_dlip.report import measure_models
 
     shapes: dict[str, str] = {}
     cfgs: dict[str, Any] = {}

