@@ -95,10 +95,9 @@ def build_runner(cfg, evaluate: bool = False):
 def run_config(cfg, evaluate: bool = False) -> dict[str, Any]:
     runner = build_runner(cfg, evaluate)
     with _stopped_by_signals(runner):
-        if evaluate:
-            result = runner.evaluate(skip_reload=True) or {}
-            if hasattr(runner, "_write_metrics"):
-                runner._write_metrics(result)
+        if evaluate:  # runner_dlip's test() also logs the metrics and writes metrics.json
+            test = getattr(runner, "test", None) or runner.evaluate
+            result = test(skip_reload=True) or {}
         else:
             result = runner.train() or {}
     logging.info("output directory: %s", runner.output_dir)

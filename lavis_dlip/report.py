@@ -22,12 +22,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from lavis_dlip.blip import passes
+from lavis_dlip.blip.build import model_config
 from lavis_dlip.blip.layout import MODULES, module_layout
 from lavis_dlip import compat
 from lavis_dlip.blip.layout import layouts, module_of
 from lavis_dlip.blip.tokenizer import tokenizer_source
 from lavis_dlip.cli import main_guard
-from lavis_dlip.errors import ConfigError
 
 CAPTION_TOKENS = 20  # tokens decoded per caption (prompt included), beam 3
 ANSWER_TOKENS = 10  # tokens decoded per VQA answer, beam 3
@@ -45,16 +46,9 @@ class ModelCost:
 def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     """A registered model ``arch:type`` with random weights, at ``image_size``."""
     from lavis.common.registry import registry
-    from omegaconf import OmegaConf
 
     arch, _, model_type = spec.partition(":")
-    cls = registry.get_model_class(arch)
-    if cls is None:
-        raise ConfigError(f"--models {spec}: '{arch}' is not a registered model")
-    if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
-        known = ", ".join(cls.PRETRAINED_MODEL_CONFIG_DICT)
-        raise ConfigError(f"--models {spec}: type '{model_type}' unknown; known: {known}")
-    cfg = OmegaConf.load(cls.default_config_path(model_type)).model
+    cfg = model_config(arch, model_type, where=f"--models {spec}")
     if image_size:
         if "vision" in cfg:
             cfg.vision.image_size = image_size
@@ -64,7 +58,7 @@ def build(spec: str, image_size: Optional[int], tokenizer: Optional[str]):
     if tokenizer:  # --tokenizer wins over a preset's own (costs do not depend on the vocabulary file)
         cfg.tokenizer = tokenizer
     with compat.random_weights(), tokenizer_source(tokenizer):
-        model = cls.from_config(cfg)
+        model = registry.get_model_class(arch).from_config(cfg)
     return model.eval()
 
 
@@ -123,14 +117,9 @@ class Workloads:
         """compute_sim_matrix's inner step: one image against its k candidate texts."""
         m = self.model
         image_embeds = m.visual_encoder.forward_features(self.image[:1])
-        enc = image_embeds.repeat(self.k, 1, 1)
         text = self._text(self.k)
-        ids = text.input_ids.clone()
-        ids[:, 0] = m.tokenizer.enc_token_id
-        out = m.text_encoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=enc,
-                             encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long, device=self.device),
-                             return_dict=True)
-        return m.itm_head(out.last_hidden_state[:, 0, :])
+        return passes.itm_logits(m, passes.with_enc(text.input_ids, m.tokenizer.enc_token_id), text.attention_mask,
+                                 image_embeds.repeat(self.k, 1, 1))
 
     def module_flops(self) -> dict[str, int]:
         """FLOPs per module for one image and one text (FLOPs = 2 x multiply-adds)."""
@@ -152,9 +141,7 @@ class Workloads:
         if hasattr(m, "text_encoder"):
             out["text"] = count(lambda: m.text_encoder.forward_text(text))
             if hasattr(m, "visual_encoder"):
-                multimodal = count(lambda: m.text_encoder(
-                    text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
-                    return_dict=True))
+                multimodal = count(lambda: passes.fused_pass(m, text.input_ids, text.attention_mask, image_embeds))
                 # BLIP's ITM pass re-runs the text layers with cross-attention: its extra cost is fusion
                 out["fusion"] = multimodal - (out["text"] if _shares_layers(m) else 0)
         if hasattr(m, "text_decoder") and hasattr(m, "visual_encoder"):

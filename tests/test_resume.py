@@ -136,16 +136,16 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
 def _interrupt_at(monkeypatch, sig: int, epoch: int, step: int) -> None:
     """Send this process ``sig`` from inside the training step at ``(epoch, step)``: a
     real signal, delivered mid-epoch where it would arrive from a scheduler or Ctrl-C."""
-    from lavis_dlip.runners.runner_dlip import RunnerDlip
+    from lavis_dlip.tasks.distill import DistillTaskMixin
 
-    real = RunnerDlip.train_step
+    real = DistillTaskMixin.train_step
 
     def step_then_signal(self, model, samples):
         if (samples["epoch"], samples["iters"]) == (epoch, step):
             os.kill(os.getpid(), sig)
         return real(self, model, samples)
 
-    monkeypatch.setattr(RunnerDlip, "train_step", step_then_signal)
+    monkeypatch.setattr(DistillTaskMixin, "train_step", step_then_signal)
 
 
 @pytest.mark.parametrize("how", ["online", "cached"])

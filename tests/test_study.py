@@ -126,6 +126,8 @@ def test_shape_search_keeps_only_shapes_within_budget_and_its_winner_trains(tmp_
         flops = Workloads(model, 64, 32, 16, 1, "cpu").module_flops()["total"]
         assert params == c.params <= info["limits"]["params"] and flops == c.flops <= info["limits"]["flops"]
 
+    from lavis.datasets.data_utils import apply_to_sample
+
     from lavis_dlip.cli import build_runner
     from lavis_dlip.config import load_config
     from lavis_dlip.blip.build import random_state
@@ -142,9 +144,9 @@ def test_shape_search_keeps_only_shapes_within_budget_and_its_winner_trains(tmp_
     runner = build_runner(load_config(str(tmp_path / "winner.yaml"), [f"run.output_dir={tmp_path}/out"]))
     student = runner.unwrap_dist_model(runner.model)
     assert student.visual_encoder.embed_dim == chosen[0].shape["vision.width"]
-    samples = runner._to_device(next(iter(runner.train_loader)))
+    samples = apply_to_sample(lambda t: t.to(runner.device), next(iter(runner.train_loader)))
     samples.update(epoch=0, num_iters_per_epoch=1, iters=0)
-    loss, terms = runner.train_step(runner.model, samples)
+    loss, terms = runner.task.train_step(runner.model, samples)
     loss.backward()
     assert torch.isfinite(loss) and "loss_itc_kd" in terms
 

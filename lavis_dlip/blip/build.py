@@ -34,7 +34,14 @@ def model_config(arch: str, model_type: str, overrides: Optional[Mapping[str, An
         raise ConfigError(f"{where}.model_type: '{model_type}' is not a type of '{arch}'; "
                           f"known: {', '.join(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
     preset = OmegaConf.load(cls.default_config_path(model_type)).model
-    return OmegaConf.merge(preset, OmegaConf.create(dict(overrides or {})))
+    return OmegaConf.merge(preset, overrides if OmegaConf.is_config(overrides) else dict(overrides or {}))
+
+
+def run_model_config(model_section: Any, where: str = "model"):
+    """A run yaml's model section over its model type's preset, as LAVIS's Config merges them."""
+    if model_section is None or "arch" not in model_section:
+        raise ConfigError(f"{where}: no arch; give a run yaml with a model section")
+    return model_config(model_section.arch, model_section.get("model_type", "base"), model_section, where)
 
 
 def build_model(model_cfg: Any, meta: bool = True) -> nn.Module:
@@ -55,15 +62,10 @@ def trained_model(cfg_path: str, weights: str, options: Any = ()) -> tuple[nn.Mo
     ``model.init`` is skipped: the checkpoint replaces every weight."""
     checkpoint.check_exists(str(weights), "--checkpoint")
     raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options)))
-    if "model" not in raw or "arch" not in raw.model:
-        raise ConfigError(f"{cfg_path}: no model.arch; give a run yaml with a model section")
-    cls = registry.get_model_class(raw.model.arch)
-    if cls is None:
-        raise ConfigError(f"{cfg_path}: model.arch '{raw.model.arch}' is not a registered model")
-    defaults = OmegaConf.load(cls.default_config_path(raw.model.get("model_type", "base"))).model
-    model_cfg = OmegaConf.merge(defaults, raw.model, {"init": None, "finetuned": str(weights), "load_finetuned": True})
+    model_cfg = OmegaConf.merge(run_model_config(raw.get("model"), f"{cfg_path}: model"),
+                                {"init": None, "finetuned": str(weights), "load_finetuned": True})
     with tokenizer_source(model_cfg.get("tokenizer")):
-        return cls.from_config(model_cfg).eval(), model_cfg
+        return registry.get_model_class(model_cfg.arch).from_config(model_cfg).eval(), model_cfg
 
 
 GAIN = re.compile(r"(norm\d?|LayerNorm)\.weight$")

@@ -11,9 +11,9 @@ from functools import cached_property
 from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lavis_dlip.blip import passes
 from lavis_dlip.distill.capture import Call, Records
 
 
@@ -55,14 +55,6 @@ def hardest_negatives(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tenso
     own) keeps its highest: still a pair whose ITM logits a student can learn."""
     only_own = positives.all(1, keepdim=True)
     return torch.where(only_own, sim, sim.masked_fill(positives, float("-inf"))).argmax(1)
-
-
-def fused_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               image_embeds: torch.Tensor) -> torch.Tensor:
-    """The model's fused (ITM) pass of row ``i``'s text with row ``i``'s image: last hidden state."""
-    atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return model.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                              encoder_attention_mask=atts, return_dict=True).last_hidden_state
 
 
 class MinedPairs(NamedTuple):
@@ -116,11 +108,11 @@ class BlipOutputs:
     # -- contrastive
     @cached_property
     def image_feat(self) -> torch.Tensor:
-        return F.normalize(self.model.vision_proj(self.image_embeds[:, 0, :]), dim=-1)
+        return passes.image_feat(self.model, self.image_embeds)
 
     @cached_property
     def text_feat(self) -> torch.Tensor:
-        return F.normalize(self.model.text_proj(self.call("text").output[:, 0, :]), dim=-1)
+        return passes.text_feat(self.model, self.call("text").output)
 
     @cached_property
     def itc_logits(self) -> torch.Tensor:
@@ -143,7 +135,7 @@ class BlipOutputs:
     def itm_logits_on(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits of image ``i`` paired with text row ``i`` (a pass outside the
         LAVIS forward: the pairs ``itm_kd`` mined with the teacher)."""
-        return self.model.itm_head(fused_pass(self.model, input_ids, attention_mask, self.image_embeds)[:, 0, :])
+        return passes.itm_logits(self.model, input_ids, attention_mask, self.image_embeds)
 
     def mine_negatives(self, positives: torch.Tensor) -> MinedPairs:
         """Per image, the caption of another image in the batch that this model's ITC

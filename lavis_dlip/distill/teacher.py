@@ -13,7 +13,8 @@ from torch import nn
 
 from lavis_dlip.errors import CheckpointError, ConfigError
 from lavis_dlip.distill.capture import Capture, Point, Records
-from lavis_dlip.distill.outputs import BlipOutputs, fused_pass, match_rows
+from lavis_dlip.blip.passes import fused_pass
+from lavis_dlip.distill.outputs import BlipOutputs, match_rows
 from lavis_dlip.models.components import ScoredLMHeadDecoder
 from lavis_dlip import checkpoint as ckpt
 from lavis_dlip.blip.build import build_model, random_model

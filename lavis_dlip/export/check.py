@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavis_dlip.blip import passes
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.export.hf import HF_CLASSES, kind_of
 from lavis_dlip.serve import load
@@ -41,14 +42,10 @@ def lavis_reference(model: torch.nn.Module, kind: str, pixels: np.ndarray, gen: 
             text = tok(TEXTS, padding="longest", truncation=True, max_length=model.max_txt_len, return_tensors="pt")
             out = model.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                      mode="text")
-            ref["text_feat"] = torch.nn.functional.normalize(model.text_proj(out.last_hidden_state[:, 0]), dim=-1)
-            ref["image_feat"] = torch.nn.functional.normalize(model.vision_proj(embeds[:, 0]), dim=-1)
-            ids = text.input_ids.clone()
-            ids[:, 0] = tok.enc_token_id
-            fused = model.text_encoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=embeds,
-                                       encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                                       return_dict=True)
-            ref["itm_prob"] = model.itm_head(fused.last_hidden_state[:, 0]).softmax(-1)[:, 1]
+            ref["text_feat"] = passes.text_feat(model, out.last_hidden_state)
+            ref["image_feat"] = passes.image_feat(model, embeds)
+            ids = passes.with_enc(text.input_ids, tok.enc_token_id)
+            ref["itm_prob"] = passes.itm_logits(model, ids, text.attention_mask, embeds).softmax(-1)[:, 1]
         elif kind == "caption":
             ref["text"] = model.generate({"image": image}, num_beams=1, max_length=gen["max_len"],
                                          min_length=gen["min_len"])
@@ -100,8 +97,7 @@ def compare_hf(model: torch.nn.Module, directory: Path) -> dict[str, float]:
         diffs["image_embeds"] = _diff(hf_model.vision_model(pv)[0].numpy(), ref["image_embeds"])
         if kind == "retrieval":
             text = processor(text=TEXTS, padding="longest", return_tensors="pt")
-            ids = text.input_ids.clone()
-            ids[:, 0] = model.tokenizer.enc_token_id  # BLIP's ITM input (see export/hf.py)
+            ids = passes.with_enc(text.input_ids, model.tokenizer.enc_token_id)  # BLIP's ITM input (see export/hf.py)
             itm = hf_model(input_ids=ids, pixel_values=pv, attention_mask=text.attention_mask, use_itm_head=True)
             diffs["itm_prob"] = _diff(itm.itm_score.softmax(-1)[:, 1].numpy(), ref["itm_prob"])
             sim = hf_model(input_ids=text.input_ids, pixel_values=pv, attention_mask=text.attention_mask,
@@ -115,8 +111,7 @@ def compare_hf(model: torch.nn.Module, directory: Path) -> dict[str, float]:
             text = [t[len(model.prompt):] for t in processor.batch_decode(out, skip_special_tokens=True)]
         else:
             q = processor(text=QUESTIONS, padding="longest", return_tensors="pt")
-            ids = q.input_ids.clone()
-            ids[:, 0] = model.tokenizer.enc_token_id
+            ids = passes.with_enc(q.input_ids, model.tokenizer.enc_token_id)
             out = hf_model.generate(pixel_values=pv, input_ids=ids, attention_mask=q.attention_mask, num_beams=1,
                                     max_length=gen["max_len"], min_length=gen["min_len"])
             text = processor.batch_decode(out, skip_special_tokens=True)

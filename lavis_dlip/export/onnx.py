@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lavis_dlip.blip import passes
 
 OPSET = 17
 
@@ -43,7 +44,7 @@ class ImageEncoder(nn.Module):
         embeds = self.visual_encoder.forward_features(pixel_values)
         if self.vision_proj is None:
             return embeds
-        return embeds, F.normalize(self.vision_proj(embeds[:, 0, :]), dim=-1)
+        return embeds, passes.image_feat(self, embeds)
 
 
 class TextEncoder(nn.Module):
@@ -53,12 +54,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True, mode="text")
-        return F.normalize(self.text_proj(out.last_hidden_state[:, 0, :]), dim=-1)
-
-
-def _with_enc(input_ids: torch.Tensor, enc_token_id: int) -> torch.Tensor:
-    """BLIP's image-grounded text starts with [ENC] instead of [CLS]."""
-    return torch.cat([torch.full_like(input_ids[:, :1], enc_token_id), input_ids[:, 1:]], dim=1)
+        return passes.text_feat(self, out.last_hidden_state)
 
 
 class Fused(nn.Module):
@@ -71,13 +67,10 @@ class Fused(nn.Module):
         self.enc_token_id = int(model.tokenizer.enc_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor):
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text_encoder(_with_enc(input_ids, self.enc_token_id), attention_mask=attention_mask,
-                                encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                                return_dict=True)
+        states = passes.fused_pass(self, passes.with_enc(input_ids, self.enc_token_id), attention_mask, image_embeds)
         if self.itm_head is None:
-            return out.last_hidden_state
-        logits = self.itm_head(out.last_hidden_state[:, 0, :])
+            return states
+        logits = self.itm_head(states[:, 0, :])
         return logits, logits.softmax(dim=-1)[:, 1]
 
 

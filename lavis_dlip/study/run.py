@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lavis.datasets.data_utils import apply_to_sample
 from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError
@@ -261,12 +262,12 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
         batches = iter(runner.train_loader)
     finally:
         logging.disable(logging.NOTSET)
-    times = []
+    times, device = [], runner.device
     for i in range(3):
-        samples = runner._to_device(next(batches))
+        samples = apply_to_sample(lambda t: t.to(device), next(batches))
         samples.update(epoch=0, num_iters_per_epoch=len(runner.train_loader), iters=i)
         start = time.perf_counter()
-        loss, _ = runner.train_step(model, samples)
+        loss, _ = runner.task.train_step(model, samples)
         loss.backward()
         runner.optimizer.step()
         runner.optimizer.zero_grad(set_to_none=True)

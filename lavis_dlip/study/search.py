@@ -39,7 +39,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError, check_keys
-from lavis_dlip.blip.build import build_model
+from lavis_dlip.blip.build import build_model, run_model_config
 from lavis_dlip.blip.layout import module_layout
 from lavis_dlip.datasets.builders import LocalBuilder
 from lavis_dlip.models.init import FROM_TEACHER, parse_init
@@ -92,12 +92,7 @@ def parse(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merged_model(base_raw) -> Any:
-    """The base's model section over its model type's preset, as LAVIS's Config merges it."""
-    from lavis.common.registry import registry
-
-    model = base_raw.model
-    cls = registry.get_model_class(model.arch)
-    return OmegaConf.merge(OmegaConf.load(cls.default_config_path(model.get("model_type", "base"))).model, model)
+    return run_model_config(base_raw.model, "study.base: model")
 
 
 def _teacher_limits(teacher_cfg, init) -> dict[str, tuple[int, int, int, int]]:

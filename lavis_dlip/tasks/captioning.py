@@ -27,12 +27,13 @@ from lavis.tasks.captioning import CaptionTask
 
 from lavis_dlip.schema import SCORERS
 from lavis_dlip.tasks.items import write_items
+from lavis_dlip.tasks.loop import TrainLoop
 
 
 
 
 @registry.register_task("dlip_captioning")
-class DlipCaptionTask(CaptionTask):
+class DlipCaptionTask(TrainLoop, CaptionTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.gt_files: dict[str, str] = {}

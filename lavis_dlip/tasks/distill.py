@@ -42,6 +42,7 @@ from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.tasks.captioning import DlipCaptionTask
 from lavis_dlip.tasks.items import ItemScoresMixin
+from lavis_dlip.tasks.loop import TrainLoop
 from lavis_dlip.distill import validate_terms
 from lavis_dlip.blip.teacher import teacher_model_config
 
@@ -143,7 +144,7 @@ class DistillTaskMixin:
 
 
 @registry.register_task("dlip_distill_pretrain")
-class DistillPretrainTask(DistillTaskMixin, ImageTextPretrainTask):
+class DistillPretrainTask(DistillTaskMixin, TrainLoop, ImageTextPretrainTask):
     def __init__(self, cfg=None):
         super().__init__()
         self._retrieval = _ItemsRetrieval(cfg=cfg)
@@ -168,7 +169,7 @@ class _ItemsRetrieval(ItemScoresMixin, RetrievalTask):
 
 
 @registry.register_task("dlip_distill_retrieval")
-class DistillRetrievalTask(DistillTaskMixin, ItemScoresMixin, RetrievalTask):
+class DistillRetrievalTask(DistillTaskMixin, TrainLoop, ItemScoresMixin, RetrievalTask):
     pass
 
 
@@ -178,5 +179,5 @@ class DistillCaptionTask(DistillTaskMixin, DlipCaptionTask):
 
 
 @registry.register_task("dlip_distill_vqa")
-class DistillVQATask(DistillTaskMixin, ItemScoresMixin, VQATask):
+class DistillVQATask(DistillTaskMixin, TrainLoop, ItemScoresMixin, VQATask):
     pass

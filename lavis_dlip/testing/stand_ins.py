@@ -13,18 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from lavis_dlip import compat
 from lavis_dlip.blip.build import build_model
-from lavis_dlip.blip.build import random_state
+from lavis_dlip.blip.build import model_config, random_state
 
 
 def blip_checkpoint(arch: str, model_type: str, path: str, seed: int = 0, **overrides: Any) -> str:
     """A registered model's checkpoint as LAVIS ships it (``{"model": state_dict}``)."""
-    from lavis.common.registry import registry
-
-    cls = registry.get_model_class(arch)
-    cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path(model_type)).model, overrides)
+    cfg = model_config(arch, model_type, overrides)
     torch.save({"model": random_state(build_model(cfg), seed)}, path)
     return path
 
