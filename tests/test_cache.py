@@ -63,7 +63,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.distill import load_teacher
     from lavis_dlip.distill.capture import Capture
-    from lavis_dlip.distill.losses import topk_kl
+    from lavis_dlip.distill.divergence import topk_kl
     from lavis_dlip.distill.outputs import BlipOutputs, MinedPairs, positive_pairs
 
     monkeypatch.chdir(tmp_path)
@@ -150,7 +150,7 @@ def _check_mined(online, cached, positives, task, samples) -> None:
 
 
 def test_topk_kl_is_the_full_kl_when_k_covers_the_vocabulary():
-    from lavis_dlip.distill.losses import soft_kl, topk_kl
+    from lavis_dlip.distill.divergence import soft_kl, topk_kl
 
     torch.manual_seed(0)
     student, teacher = torch.randn(7, 50), torch.randn(7, 50) * 3
@@ -228,7 +228,7 @@ def test_replayed_augmentations_are_the_stored_ones():
 def test_topk_kl_gradient_is_autograds():
     """topk_kl's hand-written backward (one softmax pass) against autograd's on the
     plain expression, and gradcheck in double precision."""
-    from lavis_dlip.distill.losses import _GatheredLogSoftmax, topk_kl
+    from lavis_dlip.distill.divergence import _GatheredLogSoftmax, topk_kl
 
     torch.manual_seed(0)
     teacher = torch.randn(6, 40, dtype=torch.float64) * 3

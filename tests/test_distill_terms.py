@@ -13,7 +13,7 @@ import lavis_dlip  # noqa: F401
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.distill import Distiller, build_terms, load_teacher
 from lavis_dlip.distill.capture import Capture
-from lavis_dlip.distill.losses import feature_loss, prob_kl, soft_kl
+from lavis_dlip.distill.divergence import feature_loss, prob_kl, soft_kl
 from lavis_dlip.distill.outputs import BlipOutputs, DistillError, hardest_negatives, match_rows, positive_pairs
 
 WIDER = {"vision": {"width": 96, "depth": 3, "heads": 3},
@@ -72,7 +72,7 @@ def test_lm_kd_from_the_students_own_log_partition_is_soft_kl():
     """Online lm_kd at T = 1 reads the student's log-partition from its loss
     (SmoothedCrossEntropy), and the teacher's log-partition and softmax from its own:
     the same value and the same gradient as soft_kl."""
-    from lavis_dlip.distill.losses import lse_kl
+    from lavis_dlip.distill.divergence import lse_kl
     from lavis_dlip.models.components import SmoothedCrossEntropy
 
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from a frozen teacher (``distill`` section of the run yaml).
 The teacher lives on the task, outside the model: it is not optimised, not
 wrapped in DDP and not checkpointed. With ``run.evaluate: True`` it is not built.
 With ``distill.cache`` its outputs are read from a teacher-output cache
-(``distill/cache.py``): the train split replays the cached augmentations, and the
+(``distill/cache/``): the train split replays the cached augmentations, and the
 teacher is built only as a shape (on the meta device) unless a term needs it online.
 """
 
@@ -100,7 +100,7 @@ class DistillTaskMixin:
         return datasets
 
     def cache_key(self, cfg, student) -> dict:
-        """What a cache for this run must have been built from (distill/cache.py)."""
+        """What a cache for this run must have been built from (distill/cache/keys.py)."""
         distill, c = cfg.config.distill, self.cache_cfg
         spec = Spec.from_terms(list(getattr(student, ATTRIBUTE).terms), c["topk"])
         return {"version": CACHE_VERSION,
