@@ -159,8 +159,10 @@ def stage_progress(log: Path) -> str:
 
 class Progress:
     """A plan and its progress. ``estimates``: seconds per stage (0: reused; None: unknown,
-    then the mean of the stages done so far); ``times_file`` keeps what stages took, for the
-    next plan on this machine."""
+    then the mean of the stages done so far); once stages end, the estimates of the rest are
+    scaled by what the finished ones took against their estimates (a plan made on a busy or
+    idle machine corrects itself); ``times_file`` keeps what stages took, for the next plan
+    on this machine."""
 
     def __init__(self, estimates: dict[Key, Optional[float]], parallel: int, times_file: Optional[Path] = None,
                  interval: float = 30.0, stream=None):
@@ -201,11 +203,16 @@ class Progress:
         print("\n".join(lines), file=progress.stream, flush=True)
         return progress
 
+    def scale(self) -> float:
+        """What the finished stages took over what they were estimated to take (1 before any)."""
+        pairs = [(took, self.estimates[k]) for k, took in self.took.items() if self.estimates.get(k)]
+        return sum(t for t, _ in pairs) / sum(e for _, e in pairs) if pairs else 1.0
+
     def _estimate(self, key: Key) -> float:
         value = self.estimates.get(key)
         if value is None:
             return sum(self.took.values()) / len(self.took) if self.took else 0.0
-        return value
+        return value * self.scale()
 
     def remaining(self, keys) -> float:
         """Seconds to go for ``keys`` (waiting or running), shared by the parallel slots."""

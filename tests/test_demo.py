@@ -249,3 +249,21 @@ def test_the_demo_prints_its_plan_then_where_each_running_stage_is(tmp_path):
     again = io.StringIO()
     Progress.plan("demo", stages, 2, times, stream=again)
     assert "from this machine's last run" in again.getvalue()
+
+
+def test_estimates_of_waiting_stages_scale_by_what_finished_stages_took():
+    """A plan made on a busy machine (estimates 30x too long) corrects itself once a stage
+    ends: the rest are scaled by took / estimated of the finished ones; unknown stores none."""
+    import io
+
+    from lavis_dlip.stages import Progress
+
+    minute = 60.0
+    progress = Progress({("s", "a"): 30 * minute, ("s", "b"): 30 * minute, ("s", "c"): 0.0,
+                         ("s", "d"): None}, parallel=1, stream=io.StringIO())
+    assert progress.remaining([("s", "b")]) == 30 * minute
+    progress.done(("s", "a"), 1 * minute)
+    assert progress.scale() == 1 / 30
+    assert abs(progress.remaining([("s", "b")]) - 1 * minute) < 1e-6
+    assert abs(progress.remaining([("s", "b"), ("s", "d")]) - 2 * minute) < 1e-6  # d: the mean of those done
+    assert progress.remaining([("s", "c")]) == 0.0  # reused
