@@ -24,11 +24,11 @@ OUT = REPO / "docs" / "benchmarks" / "cache_quality"
 
 
 def run_task(task: str, seeds: list[int], out: Path) -> dict:
-    from lavis_dlip import demo, teachers
+    from lavis_dlip import demo, kept
     from lavis_dlip.datasets.demo_data import ensure
 
     cfg = demo.DEMO_DIR / f"distill_{task}.yaml"
-    teacher = teachers.train_or_reuse_teacher(demo.DEMO_DIR / f"teacher_{task}.yaml", ensure("demo"),
+    teacher = kept.train_or_reuse(demo.DEMO_DIR / f"teacher_{task}.yaml", ensure("demo"),
                                               out / "teacher", [])
     ckpt = teacher["checkpoint"]
     opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}"]

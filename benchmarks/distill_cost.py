@@ -22,7 +22,7 @@ follows a step of its own kind (right after a teacher replay, a student step fin
 its weights evicted from the CPU's caches). The demo configs run at their own
 batch (``run.batch_size_train``), the paper config at 8 (its yaml says 75).
 
-Goals (issue 11): online <= teacher replay + student step + 10%; cached <= 1.15 x
+Goals: online <= teacher replay + student step + 10%; cached <= 1.15 x
 student step. Writes docs/benchmarks/distill_cost.md (and .json).
 
     python benchmarks/distill_cost.py [--cases NAME ...] [--batch N] [--repeats 4] [--min-seconds 60] [--device cpu]

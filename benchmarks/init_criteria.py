@@ -35,14 +35,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     import lavis_dlip  # noqa: F401
-    from lavis_dlip import demo, teachers
+    from lavis_dlip import demo, kept
     from lavis_dlip.cli import run
     from lavis_dlip.datasets.demo_data import ensure
 
     data = ensure(args.data)
     out = Path(args.output_dir).resolve()
     opts = list(args.options) + ([f"datasets.dlip_local_retrieval.base_dir={data}"] if args.data != "demo" else [])
-    teacher = teachers.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_retrieval.yaml", data, out / "teacher", opts)
+    teacher = kept.train_or_reuse(demo.DEMO_DIR / "teacher_retrieval.yaml", data, out / "teacher", opts)
     ckpt = teacher["checkpoint"]
     cfg = str(demo.DEMO_DIR / "distill_retrieval.yaml")
     rows = [{"criterion": "teacher", "after_init": demo.score("retrieval", teacher["test"]),

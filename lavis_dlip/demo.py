@@ -3,10 +3,9 @@
 For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student}_<task>.yaml``):
 
 1. **teacher**: train a small BLIP model on the embedded demo data (its text
-   encoder from the offline all-MiniLM-L6-v2, like BLIP's from BERT), or reuse
-   its cached checkpoint;
+   encoder from the offline all-MiniLM-L6-v2, like BLIP's from BERT);
 2. **teacher cache**: run the teacher once over the training split and store what
-   the distillation terms read (``python -m lavis_dlip.cache_teacher``), or reuse it;
+   the distillation terms read (``python -m lavis_dlip.cache_teacher``);
 3. **distilled**: initialise a student from the teacher (``teacher_reduced``) and
    distill it with DLIP's loss terms, reading the teacher's outputs from the cache;
 4. **init only**: the distilled student's initialisation, trained without a teacher (its
@@ -16,9 +15,11 @@ For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student
    print one table with the time of every stage and plot quality against size
    and latency (``demo.png`` in the output directory).
 
-Stages 1-5 of all tasks run two at a time (``--parallel``), one CPU thread each, a
-stage as soon as what it reads exists (``run_stages``), each one's output in
-``<output-dir>/<task>/<stage>.log``.
+The five training stages of all tasks run two at a time (``--parallel``), one CPU thread
+each, a stage as soon as what it reads exists (``run_stages``), each one's output in
+``<output-dir>/<task>/<stage>.log``. A trained run and a cache are kept
+(``lavis_dlip.kept``) and reused by the next demo with the same yaml, data and options:
+a second ``make demo`` evaluates and times what the first trained.
 """
 
 from __future__ import annotations
@@ -34,24 +35,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lavis_dlip.stages import Progress, Stage, run_stages
-from lavis_dlip.teachers import drop_earlier_runs, job_dir, teacher_cache, teacher_root, trained_checkpoint, \
-    train_or_reuse_teacher
+from lavis_dlip.kept import is_kept, kept_dir, kept_root, train_or_reuse
 from lavis_dlip.blip.build import trained_model
 from lavis_dlip.cache_teacher import build_cache
-from lavis_dlip.cli import run
 from lavis_dlip.datasets.demo_data import ensure
+from lavis_dlip.demo_table import TASKS, cache_rows, demo_rows, score, shown
 from lavis_dlip.distill.cache import VERSION, read_manifest
 from lavis_dlip.distill.losses import teacher_free_terms
 from lavis_dlip.report import measure_models
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "projects" / "dlip" / "demo"
-RECALLS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
-# task: (dataset in its yaml, headline score, how the metrics are shown)
-TASKS = {
-    "retrieval": ("dlip_local_retrieval", "mean R@k"),
-    "caption": ("dlip_local_caption", "CIDEr"),
-    "vqa": ("dlip_local_vqa", "VQA accuracy"),
-}
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +73,6 @@ def build_or_reuse_cache(cfg_path: Path, teacher_dir: Path, options: Sequence[st
             "bytes": stats["bytes"], "entries": stats["entries"], "bytes_per_entry": stats["bytes_per_entry"]}
 
 
-def train_student(cfg_path: Path, output_dir: Path, options: Sequence[str]) -> dict:
-    drop_earlier_runs(output_dir)
-    t0 = time.time()
-    metrics = run(str(cfg_path), [f"run.output_dir={output_dir}", *options])
-    job = job_dir(output_dir)
-    return {"checkpoint": trained_checkpoint(job), "test": metrics.get("test", {}), "seconds": time.time() - t0}
-
-
 def load_trained(cfg_path: Path, checkpoint: Path):
     """The model of a run yaml with trained weights (for timing and counting)."""
 
@@ -104,23 +89,6 @@ def timings(models: dict[str, Any], repeats: int) -> dict[str, dict]:
     return {c.name: {"params": c.params["total"], "latency_ms": sum(c.latency_ms.values()), **c.latency_ms}
             for c in costs}
 
-
-def score(task: str, metrics: dict) -> float:
-    """The headline number of a task, in percent."""
-    if task == "retrieval":
-        return sum(float(metrics.get(k, 0.0)) for k in RECALLS) / len(RECALLS)
-    if task == "caption":
-        return 100.0 * float(metrics.get("CIDEr", 0.0))
-    return float(metrics.get("agg_metrics", 0.0))
-
-
-def shown(task: str, metrics: dict) -> str:
-    if task == "retrieval":
-        return ("text R@1/5/10 " + " / ".join(f"{metrics[k]:.1f}" for k in RECALLS[:3])
-                + ", image R@1/5/10 " + " / ".join(f"{metrics[k]:.1f}" for k in RECALLS[3:]))
-    if task == "caption":
-        return f"BLEU-4 {100 * metrics['Bleu_4']:.1f}, CIDEr {100 * metrics['CIDEr']:.1f}"
-    return f"accuracy {metrics['agg_metrics']:.1f}"
 
 STAGES = ("teacher", "cache", "distilled", "init only", "not distilled")  # a stage reads only stages before it
 MODELS = ("teacher", "distilled", "init only", "not distilled")  # the table's rows of a task
@@ -141,25 +109,28 @@ def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dic
     """A task's four stages. Where each writes is known before it runs (the teacher's and
     the cache's directories are keyed by their inputs), so none waits to be planned."""
     cfgs = stage_cfgs(task)
-    teacher_dir = teacher_cache(cfgs["teacher"], data, options)
+    teacher_dir = kept_dir(cfgs["teacher"], data, options)
     ckpt = teacher_dir / "checkpoint.pth"
     distill_opts = [f"model.init.teacher={ckpt}", f"distill.teacher.checkpoint={ckpt}", *options]
     cache = cache_dir(cfgs["distill"], teacher_dir, distill_opts)
 
-    trained = ckpt.is_file() and (teacher_dir / "metrics.json").is_file()
     built = bool((read_manifest(str(cache)) or {}).get("complete"))
+
+    def kept_run(cfg: Path, name: str, opts: Sequence[str], after=(), root=None) -> Stage:
+        return Stage(train_or_reuse, (cfg, data, out / name, list(opts), root), after,
+                     reused=is_kept(kept_dir(cfg, data, opts, root)))
+
     return {
-        "teacher": Stage(train_or_reuse_teacher, (cfgs["teacher"], data, out / "teacher", list(options)),
-                         reused=trained),
+        "teacher": kept_run(cfgs["teacher"], "teacher", options),
         "cache": Stage(build_or_reuse_cache, (cfgs["distill"], teacher_dir, distill_opts), ("teacher",),
                        reused=built),
-        "distilled": Stage(train_student, (cfgs["distill"], out / "distilled",
-                                           [*distill_opts, f"distill.cache={cache}"]), ("cache",)),
+        "distilled": kept_run(cfgs["distill"], "distilled", [*distill_opts, f"distill.cache={cache}"], ("cache",),
+                              teacher_dir),
         # the distilled student's init, trained without a teacher: what distillation adds over inheritance
-        "init only": Stage(train_student, (cfgs["distill"], out / "init_only",
-                                           [*distill_opts, f"distill.terms={json.dumps(own_terms(cfgs['distill']))}",
-                                            "distill.cache=null"]), ("teacher",)),
-        "not distilled": Stage(train_student, (cfgs["student"], out / "not_distilled", list(options))),
+        "init only": kept_run(cfgs["distill"], "init_only",
+                              [*distill_opts, f"distill.terms={json.dumps(own_terms(cfgs['distill']))}",
+                               "distill.cache=null"], ("teacher",), teacher_dir),
+        "not distilled": kept_run(cfgs["student"], "not_distilled", options),
     }
 
 
@@ -174,7 +145,7 @@ def _done_line(key: tuple[str, str], result: dict) -> str:
     return f"{task} {name}: {what} ({result['seconds'] / 60:.1f} min{reused}{log})"
 
 # Minutes each stage took in a fresh `make demo` on this project's machines (2 cores, two
-# stages at a time; docs/results.md): the plan's estimate until this machine has its own.
+# stages at a time; docs/benchmarks/demo.json): the plan's estimate until this machine has its own.
 REFERENCE_MINUTES = {
     ("retrieval", "teacher"): 9.1, ("caption", "teacher"): 1.7, ("vqa", "teacher"): 1.1,
     ("retrieval", "cache"): 1.1, ("caption", "cache"): 0.7, ("vqa", "cache"): 0.6,
@@ -233,7 +204,7 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     order += [(task, name) for task in tasks for name in STAGES[2:]]
     stages = {(task, name): per_task[task][name] for task, name in order}
     logs = {(task, name): out / task / f"{name.replace(' ', '_')}.log" for task, name in stages}
-    times = teacher_root() / "stage_times.json" if data_preset == "demo" else None
+    times = kept_root() / "stage_times.json" if data_preset == "demo" else None
     progress = Progress.plan("lavis-dlip demo", stages, parallel, times, REFERENCE_MINUTES, interval=progress_s)
     results = run_stages(stages, logs, parallel, progress, describe=_done_line)
     rows = []
@@ -279,30 +250,14 @@ def plot(result: dict, path: Path) -> Path:
 
 def print_table(result: dict) -> None:
     print("\n## lavis-dlip demo: DLIP on the embedded demo data (test split)\n")
-    print("| task | model | params | speed-up | test metrics | score | % of teacher | time |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        time_txt = (f"cached (trained in {r['trained_s'] / 60:.1f} min)" if r["cached"] and r["trained_s"]
-                    else f"{r['seconds'] / 60:.1f} min")
-        retained = "n/a (teacher scored 0)" if r["retained"] is None else f"{r['retained']:.1f}%"
-        print(f"| {r['task']} | {r['model']} | {r['params'] / 1e6:.2f}M | {r['speedup']:.2f}x "
-              f"| {shown(r['task'], r['test'])} | {TASKS[r['task']][1]} {r['score']:.1f} | {retained} "
-              f"| {time_txt} |")
+    print("\n".join(demo_rows(result)))
     print("\nSpeed-up: inference latency against the teacher (retrieval: image + text encoding and ITM "
           "re-ranking of 16, batch 64; captioning: image encoding and beam-3 generation of 20 tokens; VQA: encoding "
           "and beam-3 generation of 10-token answers), CPU, measured side by side. "
           f"Time: each stage's own wall time, {result.get('parallel', 1)} stage(s) running at once. "
           f"Total wall time: {result['total_s'] / 60:.1f} min.")
     print("\nTeacher-output caches (what the distilled students trained from):\n")
-    print("| task | entries | size | per sample | build time |")
-    print("|---|---|---|---|---|")
-    for r in result["rows"]:
-        c = r.get("teacher_cache")
-        if c:
-            built = f"{c['built_s'] / 60:.1f} min" if c.get("built_s") is not None else "n/a"
-            built = f"reused (built in {built})" if c["cached"] else built
-            print(f"| {r['task']} | {c['entries']} | {c['bytes'] / 2**20:.1f} MiB "
-                  f"| {c['bytes_per_entry'] / 1024:.1f} KiB | {built} |")
+    print("\n".join(cache_rows(result)))
     if result.get("plot"):
         print(f"\nPlot: {result['plot']}")
     student = next((r for r in result["rows"] if r["model"] == "distilled"), None)
@@ -320,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="stages run at once, sharing the CPU threads (1: one after the other)")
-    parser.add_argument("--json", help="also write the table as JSON to this file")
+    parser.add_argument("--json", help="where to write the table as JSON (default: <output-dir>/demo.json)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -328,8 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     result = run_demo(args.output_dir, args.options, args.repeats, tasks=args.tasks, parallel=args.parallel)
     print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    Path(args.json or Path(args.output_dir) / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ import pytest
 
 
 def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, capsys):
-    from lavis_dlip import demo, teachers
+    from lavis_dlip import demo, kept
     from lavis_dlip.datasets.demo_data import ensure
 
     data = ensure("smoke")  # the demo's stages on the least data: what is tested is the job, not learning
 
-    monkeypatch.setenv(teachers.ENV_CACHE, str(tmp_path / "teachers"))
+    monkeypatch.setenv(kept.ENV, str(tmp_path / "teachers"))
     monkeypatch.chdir(tmp_path)
     options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5"]
     first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke")
@@ -68,26 +68,36 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
     from lavis_dlip.export import export
     from lavis_dlip.export.check import TOLERANCE
 
+    # (one format a task here: tests/test_export.py takes every task through both)
+    formats = {"retrieval": "onnx", "caption": "hf", "vqa": "onnx"}
     for row in (r for r in first["rows"] if r["model"] == "distilled"):
-        for fmt in ("onnx", "hf"):
+        for fmt in (formats[row["task"]],):
             out = tmp_path / "export" / f"{row['task']}-{fmt}"
             info = export(row["cfg_path"], row["checkpoint"], fmt, str(out))
             assert info["kind"] == row["task"] and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
             assert json.loads((out / "dlip_export.json").read_text())["max_abs_diff"] == info["max_abs_diff"]
     assert "Export a student: python -m lavis_dlip.export" in table
 
-    # a second run reuses the cached teacher (same yaml, data and options): nothing is trained
+    # a second run reuses every stage (same yaml, data and options): nothing is trained or built
     opts = [f"datasets.dlip_local_vqa.base_dir={data}", *options]
-    again = teachers.train_or_reuse_teacher(demo.DEMO_DIR / "teacher_vqa.yaml", data, tmp_path / "out2", opts)
-    vqa_teacher = next(r for r in first["rows"] if r["task"] == "vqa" and r["model"] == "teacher")
-    assert again["cached"] and again["seconds"] == 0.0 and not (tmp_path / "out2").exists()
-    assert demo.score("vqa", again["test"]) == pytest.approx(vqa_teacher["score"])
-    assert again["trained_s"] == pytest.approx(vqa_teacher["seconds"])
-    # ... and its cache: nothing is built again
-    first_cache = next(r for r in first["rows"] if r["task"] == "vqa" and r["model"] == "distilled")["teacher_cache"]
-    opts = [f"model.init.teacher={again['checkpoint']}", f"distill.teacher.checkpoint={again['checkpoint']}", *opts]
-    cache = demo.build_or_reuse_cache(demo.DEMO_DIR / "distill_vqa.yaml", again["checkpoint"].parent, opts)
+    second = demo.task_stages("vqa", data, tmp_path / "out2" / "vqa", opts)
+    assert all(stage.reused for stage in second.values()), {k: s.reused for k, s in second.items()}
+    first_vqa = {r["model"]: r for r in first["rows"] if r["task"] == "vqa"}
+    for name in ("teacher", "init only"):
+        stage = second[name]
+        again = stage.fn(*stage.args)
+        assert again["cached"] and again["seconds"] == 0.0 and not (tmp_path / "out2").exists()
+        assert demo.score("vqa", again["test"]) == pytest.approx(first_vqa[name]["score"])
+        assert again["trained_s"] == pytest.approx(first_vqa[name]["seconds"])
+    stage = second["cache"]
+    cache = stage.fn(*stage.args)
+    first_cache = first_vqa["distilled"]["teacher_cache"]
     assert cache["cached"] and str(cache["dir"]) == first_cache["dir"] and cache["bytes"] == first_cache["bytes"]
+    # a student distilled from a kept teacher is kept in the teacher's directory: retraining
+    # the teacher (its directory deleted) retrains its students
+    assert Path(first_vqa["distilled"]["checkpoint"]).exists()
+    assert kept.kept_dir(*second["distilled"].args[:2], second["distilled"].args[3], second["distilled"].args[4]
+                         ).parent == Path(first_cache["dir"]).parent
 
 
 def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
@@ -95,7 +105,7 @@ def test_a_demo_stage_keeps_only_its_latest_run(tmp_path):
     the next run of that stage removes the earlier ones (runner job ids only), and a
     teacher checkpoint stored by hard link from one of them stays readable."""
     from lavis_dlip.checkpoint import atomic_link
-    from lavis_dlip.teachers import drop_earlier_runs
+    from lavis_dlip.kept import drop_earlier_runs
 
     stage = tmp_path / "vqa" / "teacher"
     for job in ("20261126173642", "20261126180000"):

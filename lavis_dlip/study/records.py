@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lavis_dlip.teachers import job_dir
+from lavis_dlip.kept import job_dir
 
 RUN_RECORD = "run.json"
 

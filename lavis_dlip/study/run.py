@@ -41,7 +41,7 @@ from lavis_dlip.distill.losses import TERMS, teacher_free_terms
 from lavis_dlip.blip.teacher import teacher_model_config
 from lavis_dlip.study import search as shape_search
 from lavis_dlip.study.write import headline, write
-from lavis_dlip.teachers import drop_earlier_runs, teacher_cache, train_or_reuse_teacher
+from lavis_dlip.kept import drop_earlier_runs, kept_dir, train_or_reuse
 
 GROUP = "study"
 DISTILL_TASKS = {"retrieval": "dlip_distill_retrieval", "dlip_captioning": "dlip_distill_captioning",
@@ -82,11 +82,11 @@ def teacher_checkpoint(spec: StudySpec) -> Path:
     if spec.teacher.get("checkpoint"):
         return Path(spec.teacher["checkpoint"])
     train = Path(spec.teacher["train"])
-    return teacher_cache(train, teacher_data(str(train)), spec.teacher["options"]) / "checkpoint.pth"
+    return kept_dir(train, teacher_data(str(train)), spec.teacher["options"]) / "checkpoint.pth"
 
 
 def _train_teacher(train_yaml: str, out: str, options: list[str]) -> dict:
-    result = train_or_reuse_teacher(Path(train_yaml), teacher_data(train_yaml), Path(out), options)
+    result = train_or_reuse(Path(train_yaml), teacher_data(train_yaml), Path(out), options)
     return {**result, "checkpoint": str(result["checkpoint"])}
 
 

@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 
 from lavis_dlip.errors import ConfigError, check_keys
-from lavis_dlip.distill.cache import CACHE_KEYS
+from lavis_dlip.distill.cache.config import CACHE_KEYS
 from lavis_dlip.distill.losses import teacher_free_terms
 
 STUDY_KEYS = ("title", "base", "teacher", "seeds", "options", "references", "arms", "axes", "cache", "search",

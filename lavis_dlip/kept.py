@@ -1,7 +1,8 @@
-"""Trained teachers kept for reuse, by the demo and by studies: a teacher is trained
-once per run yaml, data and options, and its checkpoint and test metrics are kept under
-``$LAVIS_DLIP_TEACHER_CACHE`` (default ``~/.cache/lavis_dlip/demo_teachers``), complete or
-absent, never half written."""
+"""Trained runs kept for reuse by the demo and by studies (teachers, and the demo's
+students): a run is trained once per run yaml, data and options, and its checkpoint and
+test metrics are kept under ``$LAVIS_DLIP_KEPT_RUNS`` (default
+``~/.cache/lavis_dlip/kept_runs``), complete or absent, never half written. Teacher-output
+caches built from a kept teacher live beside it."""
 
 from __future__ import annotations
 
@@ -12,26 +13,34 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 from lavis_dlip.checkpoint import atomic_link
 from lavis_dlip.cli import run
 from lavis_dlip.runs import is_job_id
 
-ENV_CACHE = "LAVIS_DLIP_TEACHER_CACHE"
+ENV = "LAVIS_DLIP_KEPT_RUNS"
+DEPRECATED_ENV = "LAVIS_DLIP_TEACHER_CACHE"  # its old name: "cache" is the teacher-output cache
 
 logger = logging.getLogger(__name__)
 
 
-def teacher_cache(cfg_path: Path, data_dir: Path, options: Sequence[str]) -> Path:
-    """Where a trained demo teacher is kept: keyed by its yaml, the data and the options."""
+def kept_dir(cfg_path: Path, data_dir: Path, options: Sequence[str], root: Optional[Path] = None) -> Path:
+    """Where a trained run is kept: keyed by its yaml, the data and the options, under
+    ``root`` (default ``kept_root()``; a student distilled from a kept teacher is kept in
+    the teacher's directory, so that it goes when the teacher goes)."""
     key = hashlib.sha256(b"\n".join([cfg_path.read_bytes(), data_dir.name.encode(), *map(str.encode, options)]))
     key = key.hexdigest()[:10]
-    return teacher_root() / f"{cfg_path.stem}-{key}"
+    return (root or kept_root()) / f"{cfg_path.stem}-{key}"
 
 
-def teacher_root() -> Path:
-    """Where the demo and studies keep what they reuse: trained teachers, their caches, stage times."""
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lavis_dlip" / "demo_teachers")
+def kept_root() -> Path:
+    """Where the demo and studies keep what they reuse: trained runs, teacher-output caches, stage times."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    if os.environ.get(DEPRECATED_ENV):
+        logger.warning("%s is deprecated: set %s (the same directory)", DEPRECATED_ENV, ENV)
+        return Path(os.environ[DEPRECATED_ENV])
+    return Path.home() / ".cache" / "lavis_dlip" / "kept_runs"
 
 
 def drop_earlier_runs(stage_dir: Path) -> None:
@@ -56,13 +65,18 @@ def trained_checkpoint(job: Path) -> Path:
     return best if best.is_file() else job / "checkpoint_latest.pth"
 
 
-def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str]) -> dict:
-    """The teacher's checkpoint and test metrics, trained once per yaml, data and options."""
+def is_kept(kept: Path) -> bool:
+    return (kept / "checkpoint.pth").is_file() and (kept / "metrics.json").is_file()
 
-    cache = teacher_cache(cfg_path, data_dir, options)
-    ckpt, metrics = cache / "checkpoint.pth", cache / "metrics.json"
-    if ckpt.is_file() and metrics.is_file():
-        logger.info("reusing the demo teacher in %s (delete it to retrain)", cache)
+
+def train_or_reuse(cfg_path: Path, data_dir: Path, output_dir: Path, options: Sequence[str],
+                   root: Optional[Path] = None) -> dict:
+    """A run's checkpoint and test metrics, trained once per yaml, data and options."""
+
+    kept = kept_dir(cfg_path, data_dir, options, root)
+    ckpt, metrics = kept / "checkpoint.pth", kept / "metrics.json"
+    if is_kept(kept):
+        logger.info("reusing the run kept in %s (delete it to retrain)", kept)
         record = json.loads(metrics.read_text())
         return {"checkpoint": ckpt, "test": record["test"], "seconds": 0.0, "cached": True,
                 "trained_s": record.get("seconds")}
@@ -72,11 +86,11 @@ def train_or_reuse_teacher(cfg_path: Path, data_dir: Path, output_dir: Path, opt
     seconds = time.time() - t0
     job = job_dir(output_dir)
     record = json.loads((job / "metrics.json").read_text())
-    tmp = cache.with_name(cache.name + ".tmp")
+    tmp = kept.with_name(kept.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     atomic_link(str(trained_checkpoint(job)), str(tmp / "checkpoint.pth"))  # a link: the run's file is not stored twice
     (tmp / "metrics.json").write_text(json.dumps({**record, "seconds": seconds}, indent=2))
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.rename(cache)  # complete or absent, never half written
+    shutil.rmtree(kept, ignore_errors=True)
+    tmp.rename(kept)  # complete or absent, never half written
     return {"checkpoint": ckpt, "test": record["test"], "seconds": seconds, "cached": False, "trained_s": seconds}

@@ -1,0 +1,70 @@
+"""The README's two commands timed on a fresh clone, as a new user runs them.
+
+Clones this repository's HEAD into an empty directory and, with pip's cache off and empty
+demo-data, kept-runs and matplotlib directories, times ``make install``, ``make test``,
+``make demo`` (teachers trained, caches built) and ``make demo`` again (teachers and caches
+reused). Writes docs/benchmarks/fresh_clone.json (rendered into the docs by
+benchmarks/doc_tables.py) and copies the first demo's table to docs/benchmarks/demo.json.
+Run it alone on the machine: anything beside it slows it down.
+
+    python benchmarks/fresh_clone.py [--steps install test demo demo] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "benchmarks"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", nargs="+", default=["install", "test", "demo", "demo"],
+                        choices=["install", "test", "demo"])
+    parser.add_argument("--keep", help="clone into this (empty) directory and keep it")
+    args = parser.parse_args(argv)
+    work = Path(args.keep or tempfile.mkdtemp(prefix="dlip-fresh-"))
+    clone, cache = work / "lavis-dlip", work / "cache"
+    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    subprocess.check_call(["git", "clone", "-q", str(ROOT), str(clone)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAVIS_DLIP_", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(PIP_NO_CACHE_DIR="1", MPLCONFIGDIR=str(cache / "mpl"), LAVIS_DLIP_KEPT_RUNS=str(cache / "kept_runs"),
+               LAVIS_DLIP_DATA_ROOT=str(cache / "demo_data"))
+    runs, seen_demo = [], False
+    for step in args.steps:
+        log = work / f"{len(runs)}-{step}.log"
+        start = time.time()
+        with log.open("w") as f:
+            rc = subprocess.call(["make", step], cwd=clone, env=env, stdout=f, stderr=subprocess.STDOUT)
+        wall = time.time() - start
+        when = {"install": "into an empty venv", "test": "after make install",
+                "demo": "second run: teachers and caches reused" if seen_demo else "first run: teachers trained"}[step]
+        runs.append({"command": f"make {step}", "when": when, "wall_s": round(wall, 1), "rc": rc, "log": str(log)})
+        print(f"make {step} ({when}): {wall / 60:.1f} min, exit {rc}; log {log}", flush=True)
+        if step == "demo" and not seen_demo and rc == 0:
+            shutil.copy(clone / "output" / "demo" / "demo.json", OUT / "demo.json")
+        seen_demo |= step == "demo"
+        if rc != 0:
+            break
+    install = next((r["wall_s"] for r in runs if r["command"] == "make install"), None)
+    result = {"date": datetime.date.today().isoformat(), "commit": commit, "install_s": install,
+              "cpu": os.cpu_count(), "runs": runs}
+    (OUT / "fresh_clone.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {OUT / 'fresh_clone.json'}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["rc"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
