@@ -95,6 +95,27 @@ def test_preset_trains_and_runs_its_task(arch, preset):
             assert shared is model.text_encoder.encoder.layer[0].crossattention.self.query.weight
 
 
+def test_presets_take_their_shapes_from_one_file():
+    """Every preset names its shape (configs/shapes.yaml) and restates none of it; a key
+    a config writes wins over its shape's; an unknown shape is refused by name."""
+    from pathlib import Path
+
+    from lavis_dlip.models.base import PRESETS
+    from lavis_dlip.models.components import SHAPES, text_config, vision_config
+
+    presets = sorted((Path(lavis_dlip.__file__).parent / "configs" / "models").glob("dlip_*.yaml"))
+    assert len(presets) == 4 * len(PRESETS) and set(PRESETS) == set(SHAPES)
+    for path in presets:
+        model = OmegaConf.load(path).model
+        assert model.shape == path.stem.rsplit("_", 1)[1], path.name
+        assert set(model.vision) == {"image_size"} and "text" not in model, path.name
+    tiny = {"shape": "tiny", "vision": {"depth": 3}}
+    assert vision_config(tiny)["depth"] == 3 and vision_config(tiny)["width"] == SHAPES["tiny"]["vision"]["width"]
+    assert text_config(tiny)["layers"] == SHAPES["tiny"]["text"]["layers"] != text_config({})["layers"]
+    with pytest.raises(ConfigError, match="model.shape: 'huge' is not one of base, small, tiny, test"):
+        vision_config({"shape": "huge"})
+
+
 def test_paper_presets_have_the_intended_sizes():
     from lavis_dlip.report import count_params
 

@@ -48,7 +48,7 @@ class Distiller(nn.Module):
         """The step's loss: the terms' weighted sum, balanced (``distill.balance: initial``)
         so that on the first step each term is its weight's share of the total: factor
         c_k = T / (W v_k), T = sum_k w_k v_k, W = sum_k w_k, v_k term k's first value (the
-        processes' mean under DDP). The total stays T; a term whose first value is 0 keeps 1."""
+        processes' mean under DDP). The total stays T; a term whose first value is not positive keeps 1."""
         if self.balance == "none":
             return sum(term.weight * values[term.key] for term in self.terms)
         if not bool(self.balanced):

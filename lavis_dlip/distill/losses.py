@@ -309,8 +309,9 @@ class _LayerTerm(LossTerm):
 
 @register_term("hidden")
 class HiddenDistill(_LayerTerm):
-    """Per-layer hidden states, MSE or cosine, through a learned projection when
-    the widths differ (TinyBERT); padding tokens are ignored."""
+    """Per-layer hidden states, MSE, MSE of LayerNorm-ed features (``mse_ln``: scale-free)
+    or cosine, through a learned projection when the widths differ (TinyBERT); padding
+    tokens are ignored."""
 
     KEYS = ("stream", "layers", "loss", "project")
     KINDS = ("hidden",)

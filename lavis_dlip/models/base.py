@@ -11,7 +11,7 @@ import torch
 
 from lavis_dlip.errors import CheckpointError, ConfigError, check_keys
 from lavis_dlip import checkpoint as ckpt
-from lavis_dlip.models.components import decoder_config, vision_config
+from lavis_dlip.models.components import SHAPES, decoder_config, vision_config
 from lavis_dlip.models.init import apply_init, parse_init
 from lavis_dlip.blip.layout import QUEUES
 
@@ -19,11 +19,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
 
 # Keys every DLIP model accepts besides its own; LAVIS's loader keys included.
 COMMON_KEYS = (
-    "arch", "model_type", "tokenizer", "vision", "text", "decoder",
+    "arch", "model_type", "tokenizer", "shape", "vision", "text", "decoder",
     "load_finetuned", "load_pretrained", "finetuned", "pretrained", "max_txt_len", "init",
 )
 
-PRESETS = ("base", "small", "tiny", "test")
+PRESETS = tuple(SHAPES)  # a preset per shape and model: configs/models/dlip_<arch>_<shape>.yaml
 
 logger = logging.getLogger(__name__)
 

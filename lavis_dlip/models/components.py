@@ -12,21 +12,24 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+import yaml
 from lavis.models.med import BertLMHeadModel, XBertLMHeadDecoder
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from lavis_dlip.errors import ConfigError, check_keys
 
+SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+SHAPES: dict[str, dict] = yaml.safe_load(SHAPES_FILE.read_text())  # preset name -> vision/text/decoder keys
+
+# Without model.shape, a section is BLIP-base's (the base shape) where it says nothing.
 VISION_DEFAULTS: dict[str, Any] = {
     "image_size": 384,
-    "patch_size": 16,
-    "width": 768,
-    "depth": 12,
-    "heads": 12,
+    **SHAPES["base"]["vision"],
     "mlp_ratio": 4.0,
     "drop_path": 0.0,
     "grad_ckpt": False,
@@ -35,12 +38,9 @@ VISION_DEFAULTS: dict[str, Any] = {
 }
 
 TEXT_DEFAULTS: dict[str, Any] = {
-    "width": 768,
-    "heads": 12,
-    "intermediate_size": 3072,
-    # Unimodal text layers. BLIP-style when fusion_layers is null: these same
-    # layers also cross-attend to the image in multimodal mode.
-    "layers": 12,
+    # width, heads, intermediate_size; layers: the unimodal text layers. BLIP-style when
+    # fusion_layers is null: these same layers also cross-attend to the image in multimodal mode.
+    **SHAPES["base"]["text"],
     # Extra cross-attention layers stacked after the text layers (ALBEF-style
     # split, med.py's ``fusion_layer``); null keeps BLIP's shared layout.
     "fusion_layers": None,
@@ -53,7 +53,7 @@ DECODER_DEFAULTS: dict[str, Any] = {
     "width": None,  # null: same as the text encoder
     "heads": None,
     "intermediate_size": None,
-    "layers": 12,
+    **SHAPES["base"]["decoder"],  # layers
     "dropout": 0.1,
     # BLIP pre-training ties the decoder to the text encoder except self-attention
     # (dlip_pretrain only; needs identical shapes).
@@ -61,10 +61,20 @@ DECODER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def shape_of(cfg: Mapping, name: str) -> dict[str, Any]:
+    """The section ``name`` of the config's named shape (``model.shape``; configs/shapes.yaml)."""
+    shape = cfg.get("shape")
+    if shape is None:
+        return {}
+    if shape not in SHAPES:
+        raise ConfigError(f"model.shape: {shape!r} is not one of {', '.join(SHAPES)} ({SHAPES_FILE.name})")
+    return dict(SHAPES[shape].get(name) or {})
+
+
 def _section(cfg: Mapping, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The section's keys over its defaults; each value of the default's type
-    (sizes are integers >= 1, rates numbers, switches True or False)."""
-    given = dict(cfg.get(name) or {})
+    """The section's keys over its shape's (``model.shape``) over its defaults; each value
+    of the default's type (sizes are integers >= 1, rates numbers, switches True or False)."""
+    given = {**shape_of(cfg, name), **dict(cfg.get(name) or {})}
     check_keys(given, defaults, f"model.{name}")
     for key, value in given.items():
         default = defaults[key]

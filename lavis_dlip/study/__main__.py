@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
 from lavis_dlip.cli import main_guard
+from lavis_dlip.errors import ConfigError
 from lavis_dlip.study.run import run_study
 from lavis_dlip.study.spec import load_study
 
@@ -23,7 +25,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def go() -> None:
         spec = load_study(args.cfg_path, args.options)
-        if args.parallel:
+        if args.parallel is not None:
+            if args.parallel < 1:
+                raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
             spec.parallel = args.parallel
         run_study(spec, dry_run=args.dry_run, emit_path=Path(args.emit) if args.emit else None, only=args.only)
 

@@ -299,6 +299,9 @@ def emit(spec: StudySpec, plans: Sequence[RunPlan], path: Path) -> None:
         opts = " ".join(shlex.quote(o) for o in p.options)
         lines.append(f"torchrun --nproc_per_node=$NPROC -m lavis_dlip.train --cfg-path {shlex.quote(str(spec.base))} "
                      f"--options {opts}")
+    if any(p.arm.group == "search" for p in plans):
+        lines.append("# the shape search's winner is chosen from the short runs above: once they are done, "
+                     f"emit again (python -m lavis_dlip.study --cfg-path {study} --emit FILE) for its runs")
     lines.append(f"python -m lavis_dlip.study --cfg-path {study} --only report")
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
@@ -331,7 +334,7 @@ def run_study(spec: StudySpec, dry_run: bool = False, emit_path: Optional[Path] 
         _print_plan(spec, plans, st, estimates, candidates)
         return None
     if only in ("teacher", "cache"):
-        keys = [k for k in st if k[1] in ("teacher", only)]
+        keys = [k for k in st if k[1] in ("teacher", "teacher eval", only)]
         run_stages({k: st[k]._replace(after=tuple(a for a in st[k].after if (GROUP, a) in keys)) for k in keys},
                    logs, 1, describe=_describe)
         return None
@@ -386,6 +389,7 @@ def _print_plan(spec, plans, st, estimates, candidates) -> None:
         p = next(p for p in plans if p.arm.name == name)
         print(f"  {name:<28} {'cache' if p.cached else 'no teacher outputs':<20} {' '.join(p.arm.options)}")
     if candidates:
-        print(f"  shape search: {len(candidates)} shapes, {sum(bool(c.arm) for c in candidates)} to try")
+        print(f"  shape search: {len(candidates)} shapes, {sum(bool(c.arm) for c in candidates)} to try; then "
+              f"the winner's {len(spec.seeds)} runs with the study's schedule (not in the count or estimate)")
     print(f"  estimate: about {total / 60:.0f} min of training (a timed step x the runs' steps; teacher, cache "
           f"and evaluation not counted)")

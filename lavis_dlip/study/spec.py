@@ -116,9 +116,14 @@ def expand_axes(axes: Any, where: str = "study.axes") -> list[Arm]:
 
 
 def reference_arms(names: Sequence[str], base_terms: Sequence[Any]) -> list[Arm]:
-    own = f"distill.terms={json.dumps(teacher_free_terms(base_terms))}"
-    make = {"base": (), "init_only": (own, "distill.balance=none"),
-            "no_teacher": (own, "distill.balance=none", "model.init=null")}
+    """The reference arms asked for; init_only and no_teacher train the base's own losses."""
+    if {"init_only", "no_teacher"} & set(names):
+        own = f"distill.terms={json.dumps(teacher_free_terms(base_terms))}"
+        make = {"init_only": (own, "distill.balance=none"),
+                "no_teacher": (own, "distill.balance=none", "model.init=null")}
+    else:
+        make = {}
+    make["base"] = ()
     return [Arm(n, make[n], "reference") for n in names if n != "teacher"]
 
 
@@ -186,9 +191,9 @@ def _parse(raw, path: Path) -> StudySpec:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"study: arm names must be unique; twice: {', '.join(twice)}")
-    parallel = int(s.get("parallel") or 1)
-    if parallel < 1:
-        raise ConfigError(f"study.parallel must be an integer >= 1, got {s.parallel!r}")
+    parallel = s.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ConfigError(f"study.parallel must be an integer >= 1, got {parallel!r}")
     cache = dict(s.get("cache") or {})
 
     check_keys(cache, [k for k in CACHE_KEYS if k != "dir"], "study.cache")

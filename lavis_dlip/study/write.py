@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lavis_dlip.errors import ConfigError
 from lavis_dlip.study import stats
 from lavis_dlip.blip.build import build_model
 from lavis_dlip.config import load_config
@@ -93,7 +94,8 @@ def costs(spec, arms: dict[str, dict], repeats: int = 3) -> dict[str, dict]:
     torch.manual_seed(0)
     models = {"teacher": build_model(teacher_cfg, meta=False).eval()}
     models.update({f"s{i}": build_model(cfg, meta=False).eval() for i, cfg in enumerate(cfgs.values())})
-    measured = {c.name: c for c in measure_models(models, None, 20, 16, 8, "cpu", warmup=1, repeats=repeats)}
+    text_len = int(spec.base_raw().model.get("max_txt_len", 32))  # as the shape search counts them
+    measured = {c.name: c for c in measure_models(models, None, text_len, 16, 8, "cpu", warmup=1, repeats=repeats)}
     index = {key: f"s{i}" for i, key in enumerate(cfgs)}
 
     def row(cost) -> dict:
@@ -142,7 +144,10 @@ def summarize(spec, teacher: Optional[dict], arms: dict[str, dict], cost: dict[s
         if teacher.get("items") is not None:
             _check(teacher)
             t["ci"] = list(stats.arm_interval([teacher["items"]])[1:])
-    first = teacher or next(r for a in arms.values() for r in a["runs"].values())
+    first = teacher or next((r for a in arms.values() for r in a["runs"].values()), None)
+    if first is None:
+        raise ConfigError(f"{spec.path}: no run of this study has finished and its teacher is not evaluated: "
+                          f"nothing to report (run the study: python -m lavis_dlip.study --cfg-path {spec.path})")
     metric = _metric_name(first["test"])
     return {"title": spec.title, "study": str(spec.path), "base": str(spec.base), "metric": metric,
             "seeds": spec.seeds, "teacher": t, "rows": rows}
