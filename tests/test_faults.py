@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, output_dirs
+from conftest import CONFIGS, SMOKE_RETRIEVAL, output_dirs
 
 RETRIEVAL = CONFIGS / "retrieval.yaml"
-QUIET = ["run.progress=False", "run.valid_splits=[]"]
+QUIET = ["run.progress=False", "run.valid_splits=[]", SMOKE_RETRIEVAL]  # runs and checkpoints, not learning
 
 
 def train(capsys, *options: str) -> tuple[int, str]:

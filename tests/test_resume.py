@@ -12,19 +12,19 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, check, output_dirs, read_metrics, run_main
+from conftest import CONFIGS, SMOKE_RETRIEVAL, check, output_dirs, read_metrics, run_main
 
 EPOCHS = "run.max_epoch=2"
 
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path, demo_test_data):
     cfg = CONFIGS / "retrieval.yaml"
-    full = run_main("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={tmp_path}/full", cwd=tmp_path)
+    full = run_main("lavis_dlip.train", cfg, EPOCHS, SMOKE_RETRIEVAL, f"run.output_dir={tmp_path}/full", cwd=tmp_path)
     check(full)
     expected = read_metrics(output_dirs(tmp_path / "full")[0])
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lavis_dlip.train", "--cfg-path", str(cfg), "--options", EPOCHS,
+    cmd = [sys.executable, "-m", "lavis_dlip.train", "--cfg-path", str(cfg), "--options", EPOCHS, SMOKE_RETRIEVAL,
            f"run.output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, demo_test_data):
     records = latest.parent / "evaluate.txt"
     with open(records, "a") as f:
         f.write('{"written": "after the checkpoint, by the killed run"}\n')
-    resumed = run_main("lavis_dlip.train", cfg, EPOCHS, f"run.output_dir={out}",
+    resumed = run_main("lavis_dlip.train", cfg, EPOCHS, SMOKE_RETRIEVAL, f"run.output_dir={out}",
                       f"run.resume_ckpt_path={latest}", cwd=tmp_path)
     check(resumed)
     got = read_metrics(latest.parent)  # a resumed run continues in its checkpoint's directory
