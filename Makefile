@@ -21,7 +21,7 @@ demo: $(STAMP)
 # Two pytest workers, one thread each: the tests are many small CPU-bound runs, which two
 # single-threaded processes finish sooner than one process with two threads.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lavis_dlip tests benchmarks

@@ -85,3 +85,19 @@ def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     )
+
+
+# The files with the longest tests first, whole (their module fixtures are built once), so
+# that under `make test`'s two workers (--dist worksteal) neither is left with a long test
+# while the other has finished. The order comes from `pytest --durations`.
+LONG_FIRST = ("test_demo.py", "test_distill.py", "test_cache.py", "test_train_eval.py", "test_distributed.py",
+              "test_resume.py", "test_inheritance.py", "test_paper_configs.py", "test_export.py", "test_students.py",
+              "test_study.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
