@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         if step == "demo" and not seen_demo and rc == 0:
             shutil.copy(clone / "output" / "demo" / "demo.json", OUT / "demo.json")
         seen_demo |= step == "demo"
-        if rc != 0:
+        if rc != 0 and step != "test":  # a failing test is recorded; nothing runs without an install or a demo
             break
     install = next((r["wall_s"] for r in runs if r["command"] == "make install"), None)
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "install_s": install,
