@@ -88,12 +88,13 @@ def fresh_clone() -> list[str]:
     first, so its time is the install's plus its own."""
     data = _load("fresh_clone.json")
     install = data["install_s"] or 0.0
-    lines = ["| command | what | wall time | on a fresh clone, install included |", "|---|---|---|---|"]
+    lines = ["| command | what | wall time | on a fresh clone, install included | exit |", "|---|---|---|---|---|"]
     for r in data["runs"]:
         first = r["command"] != "make install" and "second" not in r["when"]
         total = _minutes(install + r["wall_s"]) if first and install else "-"
-        lines.append(f"| `{r['command']}` | {r['when']} | {_minutes(r['wall_s'])} | {total} |")
-    lines.append(f"| | measured {data['date']} at commit {data['commit']}, {data['cpu']} CPU cores | | |")
+        status = f"{r['rc']}: " + "; ".join(r["failed"]) + " failed" if r.get("failed") else str(r["rc"])
+        lines.append(f"| `{r['command']}` | {r['when']} | {_minutes(r['wall_s'])} | {total} | {status} |")
+    lines.append(f"| | measured {data['date']} at commit {data['commit']}, {data['cpu']} CPU cores | | | |")
     return lines
 
 

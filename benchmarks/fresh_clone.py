@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         with log.open("w") as f:
             rc = subprocess.call(["make", step], cwd=clone, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.time() - start
-        when = {"install": "into an empty venv", "test": "after make install",
-                "demo": "second run: teachers and caches reused" if seen_demo else "first run: teachers trained"}[step]
+        demo = "second run: every stage kept from the first" if seen_demo else "first run: teachers trained"
+        when = {"install": "into an empty venv", "test": "after make install", "demo": demo}[step]
         runs.append({"command": f"make {step}", "when": when, "wall_s": round(wall, 1), "rc": rc, "log": str(log)})
         print(f"make {step} ({when}): {wall / 60:.1f} min, exit {rc}; log {log}", flush=True)
         if step == "demo" and not seen_demo and rc == 0:
