@@ -4,7 +4,7 @@
 
 The same yaml then trains from the cache (``python -m lavis_dlip.train``). Killed,
 the command picks up at the chunks it had not written; run on a finished cache it
-only reports it. What is stored and what is exact: ``lavis_dlip/distill/cache.py``.
+only reports it. What is stored and what is exact: ``lavis_dlip/distill/cache/`` and docs/distillation.md.
 """
 
 from __future__ import annotations

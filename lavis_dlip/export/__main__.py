@@ -1,3 +1,5 @@
+"""``python -m lavis_dlip.export``: see lavis_dlip.export."""
+
 import sys
 
 from lavis_dlip.export import main
