@@ -42,14 +42,14 @@ MODELS = {"retrieval": ("blip_retrieval:coco", "dlip_retrieval:tiny"),
           "caption": ("blip_caption:base_coco", "dlip_caption:tiny")}
 
 
-def torch_calls(model, kind: str, batch: int) -> dict:
+def torch_calls(model, task: str, batch: int) -> dict:
     """The workloads of a PyTorch model (LAVIS's own code paths)."""
     import torch
     import torch.nn.functional as F
 
     tok = model.tokenizer
     images = torch.randn(batch, 3, SIZE, SIZE)
-    if kind == "caption":
+    if task == "caption":
         prompt_len = len(tok(model.prompt).input_ids) - 1
         n = prompt_len + NEW_TOKENS
         return {"image": lambda: model.visual_encoder.forward_features(images),
@@ -79,11 +79,11 @@ def torch_calls(model, kind: str, batch: int) -> dict:
     return {"image": image, "text": text, "itm": itm}
 
 
-def onnx_calls(served, kind: str, batch: int) -> dict:
+def onnx_calls(served, task: str, batch: int) -> dict:
     """The same workloads through ONNX Runtime (``lavis_dlip.serve``), preprocessing excluded."""
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
-    if kind == "caption":
+    if task == "caption":
         prompt, _ = served.tokens([served.cfg["prompt"]] * batch)
         prompt = prompt[:, :-1].copy()
         prompt[:, 0] = served.cfg["bos_token_id"]
@@ -105,7 +105,7 @@ def onnx_calls(served, kind: str, batch: int) -> dict:
                                       image_embeds=embeds)}
 
 
-def export(model, kind: str, directory: Path):
+def export(model, task: str, directory: Path):
     """The model as ``python -m lavis_dlip.export --format onnx`` writes it, checked
     against PyTorch, then served; (served model, export seconds, max abs differences)."""
     from lavis_dlip.export import hf, onnx
@@ -113,29 +113,29 @@ def export(model, kind: str, directory: Path):
     from lavis_dlip.serve import load
 
     start = time.time()
-    onnx.export_onnx(model, kind, directory)
+    onnx.export_onnx(model, task, directory)
     model.tokenizer.save_pretrained(str(directory / "tokenizer"))
-    cfg = onnx.serving_config(model, kind, hf.image_settings(model), {})
+    cfg = onnx.serving_config(model, task, hf.image_settings(model), {})
     (directory / "serve.json").write_text(json.dumps(cfg))
     seconds = time.time() - start
     return load(directory), seconds, compare(model, directory, "onnx")
 
 
-def measure(kind: str, batches: list[int], args, scratch: Path) -> list[dict]:
+def measure(task: str, batches: list[int], args, scratch: Path) -> list[dict]:
     import torch
 
     from lavis_dlip import report
 
-    models = dict(zip(MODELS[kind], (report.build(spec, SIZE, OFFLINE_VOCAB) for spec in MODELS[kind])))
-    exports = {spec: export(m, kind, Path(tempfile.mkdtemp(dir=scratch))) for spec, m in models.items()}
+    models = dict(zip(MODELS[task], (report.build(spec, SIZE, OFFLINE_VOCAB) for spec in MODELS[task])))
+    exports = {spec: export(m, task, Path(tempfile.mkdtemp(dir=scratch))) for spec, m in models.items()}
     for spec, (_, seconds, diffs) in exports.items():
         print(f"{spec}: exported in {seconds:.1f} s, max abs diff {max(diffs.values()):.1e}", flush=True)
     rows = []
     for batch in batches:
         systems = {}
         for spec, model in models.items():
-            systems[f"{spec} (PyTorch)"] = torch_calls(model, kind, batch)
-            systems[f"{spec} (ONNX Runtime)"] = onnx_calls(exports[spec][0], kind, batch)
+            systems[f"{spec} (PyTorch)"] = torch_calls(model, task, batch)
+            systems[f"{spec} (ONNX Runtime)"] = onnx_calls(exports[spec][0], task, batch)
         times = {s: {w: [] for w in calls} for s, calls in systems.items()}
         with torch.inference_mode():
             for r in range(args.warmup + args.repeats):
@@ -147,7 +147,7 @@ def measure(kind: str, batches: list[int], args, scratch: Path) -> list[dict]:
                             times[system][work].append((time.perf_counter() - start) * 1000)
         for system, works in times.items():
             spec = system.split(" ")[0]
-            rows.append({"task": kind, "batch": batch, "system": system, "repeats": args.repeats,
+            rows.append({"task": task, "batch": batch, "system": system, "repeats": args.repeats,
                          "ms": {w: statistics.median(v) for w, v in works.items()},
                          "export_s": round(exports[spec][1], 1), "max_abs_diff": exports[spec][2]})
         print(json.dumps(rows[-len(systems):], indent=1), flush=True)
@@ -167,7 +167,7 @@ def main() -> None:
     import lavis_dlip  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="dlip-serve-") as scratch:  # the exports: gigabytes, removed after
-        new = [row for kind in args.tasks for row in measure(kind, args.batches, args, Path(scratch))]
+        new = [row for task in args.tasks for row in measure(task, args.batches, args, Path(scratch))]
     done = {(r["task"], r["batch"]) for r in new}
     old = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").is_file() else []
     rows = sorted([r for r in old if (r["task"], r["batch"]) not in done] + new,

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lavis_dlip import checkpoint, schema
 from lavis_dlip.errors import ConfigError
+from lavis_dlip.renamed import upgrade
 from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
 from lavis_dlip.datasets.builders import LocalBuilder
 from lavis_dlip.blip.teacher import teacher_model_config
@@ -243,6 +244,7 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
             raise ConfigError(f"{cfg_path}: --options {opt}: the value is not valid yaml ({why}); quote a string "
                               f"that holds ':', '{{' or '[', e.g. {key}='{value}'") from None
         OmegaConf.update(raw, key, parsed, merge=True)
+    upgrade(raw)  # old key names (lavis_dlip/renamed.py), each with a deprecation line
     if evaluate and raw.get("run") is not None:  # evaluation builds no teacher and reads no cache
         raw.run.evaluate = True
     validate(raw, cfg_path, evaluate=evaluate)

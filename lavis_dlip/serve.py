@@ -155,12 +155,13 @@ class Answerer(Exported):
         return self.decode(self.greedy(bos, states, mask))
 
 
-KINDS = {"retrieval": Retriever, "caption": Captioner, "vqa": Answerer}
+SERVED = {"retrieval": Retriever, "caption": Captioner, "vqa": Answerer}  # task -> its class
 
 
 def load(directory: Union[str, Path], threads: Optional[int] = None) -> Exported:
-    """The exported model in ``directory``, as the class of its kind."""
+    """The exported model in ``directory``, as the class of its task."""
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG}; export with python -m lavis_dlip.export --format onnx")
-    return KINDS[json.loads(path.read_text())["kind"]](directory, threads)
+    cfg = json.loads(path.read_text())
+    return SERVED[cfg.get("task") or cfg["kind"]](directory, threads)  # "kind": the old name of "task"

@@ -203,8 +203,8 @@ CASES = [
     Case("terms_all_zero", "every `distill.terms` weight 0",
          ["distill.terms=[{{name: itc, weight: 0}}, {{name: itc_kd, weight: 0.0}}]"],
          ["every term has weight 0", "nothing trains"], cfg=DISTILL),
-    Case("layer_map_range", "a term's layer map outside the student (`layers: {7: 0}`)",
-         ["distill.terms.4.layers={{7: 0}}"], ["distill.terms", "7"], cfg=DISTILL),
+    Case("layer_map_range", "a term's layer map outside the student (`layer_map: {7: 0}`)",
+         ["distill.terms.4.layer_map={{7: 0}}"], ["distill.terms", "7"], cfg=DISTILL),
     # evaluation
     Case("eval_ckpt_missing", "`evaluate --checkpoint missing.pth`", [], ["model.finetuned: missing.pth: no such file"],
          command="evaluate:missing.pth"),
@@ -299,3 +299,33 @@ if __name__ == "__main__":  # the docs table: python tests/test_bad_inputs.py > 
         line = next((x for x in stderr.splitlines() if x.startswith("error: ")), stderr.strip()[-200:])
         line = line.replace(d, "<tmp>").replace(str(REPO) + "/", "").replace("|", "\\|")
         print(f"| `{case.id}` | {case.what} | {code} | {line[len('error: '):]} |")
+
+
+def test_old_key_names_still_load_with_one_deprecation_line(caplog):
+    """A yaml with the terms' and model.init's old key names builds the same config as one with
+    the new names, naming each old key once; both names of one key at once are refused."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from lavis_dlip.errors import ConfigError
+    from lavis_dlip.renamed import upgrade
+
+    old = OmegaConf.create({
+        "model": {"init": {"heads": {"strategy": "teacher_reduced"},
+                           "vision": {"strategy": "teacher", "layers": "last"}}},
+        "distill": {"terms": [{"name": "attention", "stream": "fusion", "kind": "attn", "heads": "matched",
+                               "layers": {0: 1}}, {"name": "hidden", "stream": "text"}]}})
+    new = {"model": {"init": {"task_heads": {"strategy": "teacher_reduced"},
+                              "vision": {"strategy": "teacher", "layer_map": "last"}}},
+           "distill": {"terms": [{"name": "attention", "module": "fusion", "maps": "self", "head_map": "matched",
+                                  "layer_map": {0: 1}}, {"name": "hidden", "module": "text"}]}}
+    with caplog.at_level(logging.WARNING, logger="lavis_dlip.renamed"):
+        upgrade(old)
+    assert OmegaConf.to_container(old) == new
+    said = [r.getMessage() for r in caplog.records]
+    for where in ("model.init.heads", "model.init.vision.layers", "distill.terms[0].stream", "distill.terms[0].kind",
+                  "distill.terms[0].heads", "distill.terms[0].layers", "distill.terms[1].stream"):
+        assert sum(m.startswith(f"{where} is deprecated") for m in said) == 1, (where, said)
+    with pytest.raises(ConfigError, match=r"distill.terms\[0\]: both 'layers' \(its old name\) and 'layer_map'"):
+        upgrade({"distill": {"terms": [{"name": "hidden", "module": "text", "layers": "last", "layer_map": "first"}]}})

@@ -19,9 +19,9 @@ from lavis_dlip.distill.cache import CACHED, load_chunk
 RANDOM_TEACHER = "distill.teacher.load_weights=False"  # seeded random weights: no trained teacher needed
 RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positives}, {name: itm_kd, key: itm_all}, "
                    "{name: itm_kd, pairs: mined, key: itm_mined}, "
-                   "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, stream: vision}, "
-                   "{name: hidden, stream: text}, {name: hidden, stream: fusion}, "
-                   "{name: attention, stream: text}, {name: attention, stream: fusion, kind: cross}]")
+                   "{name: embed, targets: [image_feat, text_feat, itm_cls]}, {name: hidden, module: vision}, "
+                   "{name: hidden, module: text}, {name: hidden, module: fusion}, "
+                   "{name: attention, module: text}, {name: attention, module: fusion, maps: cross}]")
 # LAVIS's random train transform (crop, flip, RandAugment): stored augmentations 0 and 1 of a
 # sample are different images, so a cache that replays the wrong one gives other values
 RANDOM_CROPS = "{name: blip_image_train, image_size: 64, min_scale: 0.5}"
@@ -30,7 +30,7 @@ CASES = {
                                         f"datasets.dlip_local_retrieval.vis_processor.train={RANDOM_CROPS}"]),
     "caption": ("distill_caption", ["distill.terms.4={name: embed, targets: [decoder_cls]}",
                                     f"datasets.dlip_local_caption.vis_processor.train={RANDOM_CROPS}"]),
-    "vqa": ("distill_vqa", ["distill.terms.4={name: attention, stream: decoder, kind: cross}",
+    "vqa": ("distill_vqa", ["distill.terms.4={name: attention, module: decoder, maps: cross}",
                             f"datasets.dlip_local_vqa.vis_processor.train={RANDOM_CROPS}"]),
 }
 

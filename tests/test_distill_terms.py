@@ -23,10 +23,10 @@ WIDER = {"vision": {"width": 96, "depth": 3, "heads": 3},
 ALL_TERMS = [
     {"name": "itc"}, {"name": "itm"}, {"name": "lm"},
     {"name": "itc_kd", "temperature": 2.0}, {"name": "itm_kd"}, {"name": "lm_kd"},
-    {"name": "hidden", "stream": "vision"}, {"name": "hidden", "stream": "text", "loss": "cosine"},
-    {"name": "hidden", "stream": "fusion"}, {"name": "hidden", "stream": "decoder"},
-    {"name": "attention", "stream": "vision"}, {"name": "attention", "stream": "text"},
-    {"name": "attention", "stream": "fusion", "kind": "cross"}, {"name": "attention", "stream": "decoder"},
+    {"name": "hidden", "module": "vision"}, {"name": "hidden", "module": "text", "loss": "cosine"},
+    {"name": "hidden", "module": "fusion"}, {"name": "hidden", "module": "decoder"},
+    {"name": "attention", "module": "vision"}, {"name": "attention", "module": "text"},
+    {"name": "attention", "module": "fusion", "maps": "cross"}, {"name": "attention", "module": "decoder"},
     {"name": "embed", "targets": ["image_feat", "text_feat", "itm_cls", "decoder_cls"]},
 ]
 
@@ -123,8 +123,8 @@ def test_prob_kl_and_feature_loss_known_values():
 def test_each_term_is_zero_for_identical_outputs_and_matches_a_hand_case(pair):
     itc, itm, lm, hidden, attn, embed = terms([
         {"name": "itc_kd"}, {"name": "itm_kd"}, {"name": "lm_kd"},
-        {"name": "hidden", "stream": "vision", "layers": {0: 0}, "project": False},
-        {"name": "attention", "stream": "text", "layers": {1: 2}},
+        {"name": "hidden", "module": "vision", "layer_map": {0: 0}, "project": False},
+        {"name": "attention", "module": "text", "layer_map": {1: 2}},
         {"name": "embed", "targets": ["image_feat"]},
     ], pair)
     g = torch.Generator().manual_seed(0)
@@ -185,7 +185,7 @@ def test_kd_terms_on_asymmetric_hand_cases(pair):
     differs from its image-to-text half), temperatures other than 1 on both models, and
     per-head attention with padding that changes the value."""
     itc, itm, attn = terms([{"name": "itc_kd", "temperature": 2.0}, {"name": "itm_kd", "temperature": 3.0},
-                            {"name": "attention", "stream": "text", "heads": "matched", "layers": {0: 0}}], pair)
+                            {"name": "attention", "module": "text", "head_map": "matched", "layer_map": {0: 0}}], pair)
     t_itc, s_itc = [[2.0, 0.0, -1.0], [1.0, 1.0, 0.5], [0.0, 3.0, 1.0]], [[0.5, 0.0, 0.0], [0.0, 1.0, 0.0],
                                                                           [1.0, 0.0, -1.0]]
     cols = lambda m: [list(c) for c in zip(*m)]  # noqa: E731
@@ -218,7 +218,7 @@ def test_kd_terms_on_asymmetric_hand_cases(pair):
 
 
 def test_hidden_projects_when_widths_differ(pair):
-    (hidden,) = terms([{"name": "hidden", "stream": "vision", "layers": {0: 2}}], pair)
+    (hidden,) = terms([{"name": "hidden", "module": "vision", "layer_map": {0: 2}}], pair)
     proj = hidden.proj["0"]
     assert isinstance(proj, torch.nn.Linear) and (proj.in_features, proj.out_features) == (64, 96)
     xs, xt = torch.randn(2, 17, 64), torch.randn(2, 17, 96)
@@ -236,12 +236,12 @@ def test_term_config_errors(pair):
     with pytest.raises(ConfigError, match=r"terms\[0\].temperature: must be > 0"):
         terms([{"name": "itc_kd", "temperature": 0}], pair)
     with pytest.raises(ConfigError, match=r"terms\[1\]: a second term logs as loss_hidden_vision"):
-        terms([{"name": "hidden", "stream": "vision"}, {"name": "hidden", "stream": "vision"}], pair)
-    with pytest.raises(ConfigError, match=r"terms\[0\]: missing key 'stream'"):
+        terms([{"name": "hidden", "module": "vision"}, {"name": "hidden", "module": "vision"}], pair)
+    with pytest.raises(ConfigError, match=r"terms\[0\]: missing key 'module'"):
         terms([{"name": "hidden"}], pair)
-    with pytest.raises(ConfigError, match=r"terms\[0\].kind: 'cross' is not one of attn"):
-        terms([{"name": "attention", "stream": "vision", "kind": "cross"}], pair)
-    assert [t.key for t in terms([{"name": "hidden", "stream": "text", "key": "t2"}], pair)] == ["t2"]
+    with pytest.raises(ConfigError, match=r"terms\[0\].maps: 'cross' is not one of self"):
+        terms([{"name": "attention", "module": "vision", "maps": "cross"}], pair)
+    assert [t.key for t in terms([{"name": "hidden", "module": "text", "key": "t2"}], pair)] == ["t2"]
 
 
 # ---------------------------------------------------------------- capture and teacher
@@ -250,7 +250,7 @@ def test_capture_records_calls_and_only_requested_layers(pair):
     points = {("vision", "attn", 1), ("text", "hidden", 0), ("fusion", "cross", 1), ("decoder", "hidden", 1)}
     with torch.no_grad(), Capture(student, points) as rec:
         student(batch())
-    assert [c.stream for c in rec.calls] == ["text", "fusion", "fusion", "decoder"]  # momentum passes unhooked
+    assert [c.module for c in rec.calls] == ["text", "fusion", "fusion", "decoder"]  # momentum passes unhooked
     assert set(rec.vision_layers) == {("attn", 1)}
     assert rec.vision_layers[("attn", 1)].shape == (8, 2, 17, 17)
     text, pos, neg, dec = rec.calls

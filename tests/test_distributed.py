@@ -61,7 +61,7 @@ def _teacher_checkpoint(cfg, path) -> str:
 # Terms that average over samples (every sample the same number of tokens), so two processes of
 # batch 8 under DDP compute the loss and gradient of one process with batch 16; ITC's in-batch
 # softmax would not. No dropout, so both draw the same (no) masks.
-PER_SAMPLE = ("distill.terms=[{name: hidden, stream: vision}, {name: attention, stream: vision}, "
+PER_SAMPLE = ("distill.terms=[{name: hidden, module: vision}, {name: attention, module: vision}, "
               "{name: itm_kd, pairs: positives}, {name: embed, targets: [image_feat, text_feat]}]")
 
 

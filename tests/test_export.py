@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from conftest import CONFIGS
 
-KINDS = {"retrieval": "retrieval.yaml", "caption": "caption.yaml", "vqa": "vqa.yaml"}
+TASK_CFGS = {"retrieval": "retrieval.yaml", "caption": "caption.yaml", "vqa": "vqa.yaml"}
 # what these tests require of an export, recomputed here (docs/deploy.md says the same); the export's
 # own check refuses above export.check.TOLERANCE, with headroom for larger models and other hardware
 EXPORT_TOLERANCE = 1e-5
@@ -37,11 +38,11 @@ images = [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for
 texts = ["a red circle in the top left", "two blue squares on a white background", "a picture of a dog"]
 model = serve.load(out, threads=1)
 result = {"pixels": model.pixels(images).tolist()}
-if model.cfg["kind"] == "retrieval":
+if model.cfg["task"] == "retrieval":
     embeds, feats = model.image_features(images)
     result.update(image_feat=feats.tolist(), text_feat=model.text_features(texts).tolist(),
                   itm_prob=model.itm(texts, embeds).tolist(), scores=model.scores(images[:2], texts)["itm"].tolist())
-elif model.cfg["kind"] == "caption":
+elif model.cfg["task"] == "caption":
     result["text"] = model.caption(images)
 else:
     result["text"] = model.answer(images, ["what color is the circle?", "how many shapes are there?",
@@ -67,19 +68,28 @@ def _checkpoint(cfg_name: str, path: Path, **overrides) -> tuple[str, Path]:
     return str(cfg_path), path
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_onnx_export_served_without_lavis(kind, tmp_path):
+@pytest.mark.parametrize("task", list(TASK_CFGS))
+def test_onnx_export_served_without_lavis(task, tmp_path):
     from lavis_dlip.export import main
     from lavis_dlip.export.check import lavis_reference
     from lavis_dlip.blip.build import trained_model
 
-    cfg_path, ckpt = _checkpoint(KINDS[kind], tmp_path / "model.pth")
+    cfg_path, ckpt = _checkpoint(TASK_CFGS[task], tmp_path / "model.pth")
     out = tmp_path / "onnx"
     assert main(["--cfg-path", cfg_path, "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out)]) == 0
     info = json.loads((out / "dlip_export.json").read_text())
-    assert info["kind"] == kind and max(info["max_abs_diff"].values()) <= EXPORT_TOLERANCE
+    assert info["task"] == task and max(info["max_abs_diff"].values()) <= EXPORT_TOLERANCE
     assert {p.name for p in out.glob("*.onnx")} == set(info["files"])
     assert not out.with_name("onnx.tmp").exists()
+    if task == "caption":  # a serve.json that names its task by the key's old name, "kind", still loads
+        from lavis_dlip import serve
+
+        old = out.with_name("old")
+        shutil.copytree(out, old)
+        cfg = json.loads((old / serve.CONFIG).read_text())
+        cfg["kind"] = cfg.pop("task")
+        (old / serve.CONFIG).write_text(json.dumps(cfg))
+        assert type(serve.load(old)) is serve.Captioner
 
     proc = subprocess.run([sys.executable, "-c", SERVE, str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -88,8 +98,8 @@ def test_onnx_export_served_without_lavis(kind, tmp_path):
     model, _ = trained_model(cfg_path, str(ckpt))
     pixels = np.asarray(served["pixels"], np.float32)
     gen = json.loads((out / "serve.json").read_text()).get("generate", {})
-    ref = lavis_reference(model, kind, pixels, gen)
-    if kind == "retrieval":
+    ref = lavis_reference(model, task, pixels, gen)
+    if task == "retrieval":
         for key in ("image_feat", "text_feat", "itm_prob"):
             assert np.abs(np.asarray(served[key]) - ref[key]).max() <= EXPORT_TOLERANCE, key
         # the pairwise scores: image i with text j equals the row-by-row ITM of that pair
@@ -135,21 +145,21 @@ def test_serve_preprocesses_as_lavis_processors_do():
         assert np.abs(got - want).max() < 1e-5, image.mode
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_hf_export_loads_in_transformers(kind, tmp_path):
+@pytest.mark.parametrize("task", list(TASK_CFGS))
+def test_hf_export_loads_in_transformers(task, tmp_path):
     import transformers
 
     from lavis_dlip.export import export
     from lavis_dlip.export.check import TOLERANCE
     from lavis_dlip.export.hf import HF_CLASSES
 
-    cfg_path, ckpt = _checkpoint(KINDS[kind], tmp_path / "model.pth")
+    cfg_path, ckpt = _checkpoint(TASK_CFGS[task], tmp_path / "model.pth")
     info = export(cfg_path, str(ckpt), "hf", str(tmp_path / "hf"))
-    assert info["class"] == HF_CLASSES[kind] and info["weights"] > 0
+    assert info["class"] == HF_CLASSES[task] and info["weights"] > 0
     assert max(info["max_abs_diff"].values()) <= TOLERANCE["hf"]
-    if kind == "retrieval":
+    if task == "retrieval":
         assert info["dropped"] > 0  # momentum copies, queues
-    hf_model = getattr(transformers, HF_CLASSES[kind]).from_pretrained(str(tmp_path / "hf")).eval()
+    hf_model = getattr(transformers, HF_CLASSES[task]).from_pretrained(str(tmp_path / "hf")).eval()
     # not the exporter's own numbers: the differences recomputed here, on other images, through
     # LAVIS's public calls and transformers' (ITM scores; generated text token for token)
     from transformers import BlipProcessor
@@ -166,7 +176,7 @@ def test_hf_export_loads_in_transformers(kind, tmp_path):
     with torch.no_grad():
         embeds = model.visual_encoder.forward_features(pv)
         assert (hf_model.vision_model(pv)[0] - embeds).abs().max() <= EXPORT_TOLERANCE
-        if kind == "retrieval":
+        if task == "retrieval":
             texts = ["a small red circle", "two squares"]
             lavis_itm = model.match({"image": pv, "text_input": texts}, match_head="itm").softmax(-1)[:, 1]
             text = processor(text=texts, padding="longest", return_tensors="pt")
@@ -175,7 +185,7 @@ def test_hf_export_loads_in_transformers(kind, tmp_path):
             hf_itm = hf_model(input_ids=ids, pixel_values=pv, attention_mask=text.attention_mask,
                               use_itm_head=True).itm_score.softmax(-1)[:, 1]
             assert (hf_itm - lavis_itm).abs().max() <= EXPORT_TOLERANCE
-        elif kind == "caption":
+        elif task == "caption":
             prompt = processor(text=[model.prompt] * 2, return_tensors="pt")
             out = hf_model.generate(pixel_values=pv, input_ids=prompt.input_ids, num_beams=1, max_length=12,
                                     min_length=4)
@@ -193,7 +203,7 @@ def test_hf_export_loads_in_transformers(kind, tmp_path):
                 min_len=1)
     saved = torch.load(ckpt, map_location="cpu")["model"]
     block = "encoder.layer.1.attention.self.query.weight"
-    if kind == "caption":
+    if task == "caption":
         assert torch.equal(hf_model.text_decoder.bert.state_dict()[block], saved[f"text_decoder.bert.{block}"])
     else:
         assert torch.equal(hf_model.text_encoder.state_dict()[block], saved[f"text_encoder.{block}"])
@@ -290,7 +300,7 @@ def test_lavis_own_blip_exports_through_the_same_command(tmp_path):
         out = tmp_path / fmt
         assert main(["--cfg-path", str(cfg), "--checkpoint", ckpt, "--format", fmt, "--out", str(out)]) == 0
         info = json.loads((out / "dlip_export.json").read_text())
-        assert info["kind"] == "retrieval" and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
+        assert info["task"] == "retrieval" and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
     # transformers' class holds the LAVIS model's shapes: ViT-B's 12 layers of 768, the BERT's 2
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["vision_config"]["num_hidden_layers"], config["vision_config"]["hidden_size"]) == (12, 768)

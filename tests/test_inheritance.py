@@ -134,7 +134,7 @@ def _terms_follow_init(student) -> None:
     report = student.init_report
     for term in student.dlip_distill.terms:
         if getattr(term, "layers_spec", None) == "from_init":
-            assert term.mapping == dict(enumerate(report.layers[term.stream])), term.where
+            assert term.mapping == dict(enumerate(report.layers[term.module])), term.where
 
 
 def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoints):
@@ -184,12 +184,12 @@ def test_tiny_inherits_whole_heads_and_only_channels_its_streams_have(checkpoint
     # heads: text_proj and itm_head read the inherited text stream; vision_proj reads DeiT's: random
     assert torch.equal(s["text_proj.weight"], t["text_proj.weight"][:, idx])
     assert torch.equal(s["itm_head.weight"], t["itm_head.weight"][:, idx]) and torch.equal(s["temp"], t["temp"])
-    assert {"vision_proj.weight", "vision_proj.bias"} <= set(report.random["heads"])
+    assert {"vision_proj.weight", "vision_proj.bias"} <= set(report.random["task_heads"])
 
     # distillation terms follow the init's layers; the ViT attention term reads the last layers only
     _fits_the_paper(task, student, 0.25)
     _terms_follow_init(student)
-    vision_attn = [x for x in student.dlip_distill.terms if x.NAME == "attention" and x.stream == "vision"]
+    vision_attn = [x for x in student.dlip_distill.terms if x.NAME == "attention" and x.module == "vision"]
     assert vision_attn[0].mapping == {10: 11}
 
     _steps(task, student)  # and the student trains with these weights and terms
@@ -207,7 +207,8 @@ def test_small_copies_the_text_layers_it_keeps(checkpoints):
             assert torch.equal(s[f"text_encoder.encoder.layer.{j}.{name}"], t[f"text_encoder.encoder.layer.{i}.{name}"])
         assert f"text_encoder.encoder.layer.{j}.crossattention.self.key.weight" in report.random["fusion"]
     assert torch.equal(s["visual_encoder.blocks.5.attn.qkv.weight"], deit["blocks.5.attn.qkv.weight"])
-    assert torch.equal(s["text_proj.weight"], t["text_proj.weight"]) and "vision_proj.weight" in report.random["heads"]
+    assert torch.equal(s["text_proj.weight"], t["text_proj.weight"])
+    assert "vision_proj.weight" in report.random["task_heads"]
     _fits_the_paper(task, student, 0.55)
     _terms_follow_init(student)
     _steps(task, student)

@@ -48,10 +48,10 @@ def test_teacher_layer_selection(deep_teacher):
     teacher, path = deep_teacher
     cls, cfg = _cfg("dlip_retrieval", init={
         "teacher": path,
-        "vision": {"strategy": "teacher", "layers": "uniform"},
-        "text": {"strategy": "teacher", "layers": "last"},
-        "fusion": {"strategy": "teacher", "layers": [1, 2]},
-        "heads": "teacher",
+        "vision": {"strategy": "teacher", "layer_map": "uniform"},
+        "text": {"strategy": "teacher", "layer_map": "last"},
+        "fusion": {"strategy": "teacher", "layer_map": [1, 2]},
+        "task_heads": "teacher",
     })
     student = cls.from_config(cfg)
     t, s = teacher.state_dict(), student.state_dict()
@@ -92,10 +92,10 @@ def test_teacher_reduced_first(wide_teacher):
     teacher, path = wide_teacher
     cls, cfg = _cfg("dlip_retrieval", init={
         "teacher": path, "criterion": "first",
-        "vision": {"strategy": "teacher_reduced", "layers": "first"},
-        "text": {"strategy": "teacher_reduced", "layers": "first"},
+        "vision": {"strategy": "teacher_reduced", "layer_map": "first"},
+        "text": {"strategy": "teacher_reduced", "layer_map": "first"},
         "fusion": {"strategy": "teacher_reduced"},
-        "heads": "teacher_reduced",
+        "task_heads": "teacher_reduced",
     })
     s, t = cls.from_config(cfg).state_dict(), teacher.state_dict()
     qkv = t["visual_encoder.blocks.1.attn.qkv.weight"]  # (3*128, 128): heads of 32 channels
@@ -206,7 +206,7 @@ def test_pretrained_vision_from_timm_state_dict(tmp_path):
     vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=2, num_classes=10)
     path = tmp_path / "deit_tiny.pth"
     torch.save({"model": vit.state_dict()}, path)  # timm/DeiT layout, with a classifier head
-    cls, cfg = _cfg("dlip_caption", init={"vision": {"strategy": "pretrained", "source": str(path), "layers": "last",
+    cls, cfg = _cfg("dlip_caption", init={"vision": {"strategy": "pretrained", "source": str(path), "layer_map": "last",
                                                      "source_heads": 2}})
     s = cls.from_config(cfg).state_dict()
     v = vit.state_dict()
@@ -219,7 +219,7 @@ def test_teacher_decoder_into_caption_student(tmp_path):
     cls, cfg = _cfg("dlip_caption", decoder={"layers": 4})
     teacher = cls.from_config(cfg)
     path = _save(teacher, cfg, tmp_path / "cap.pth")
-    cls, cfg = _cfg("dlip_caption", init={"teacher": path, "decoder": {"strategy": "teacher", "layers": [1, 3]}})
+    cls, cfg = _cfg("dlip_caption", init={"teacher": path, "decoder": {"strategy": "teacher", "layer_map": [1, 3]}})
     s, t = cls.from_config(cfg).state_dict(), teacher.state_dict()
     assert torch.equal(s["text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"],
                        t["text_decoder.bert.encoder.layer.3.crossattention.self.query.weight"])
@@ -232,10 +232,10 @@ def test_teacher_decoder_into_caption_student(tmp_path):
     [
         ({"vision": {"strategy": "copy"}}, "model.init.vision.strategy 'copy' is unknown"),
         ({"vision": "teacher"}, "model.init.vision: strategy 'teacher' needs model.init.teacher"),
-        ({"teacher": "TEACHER", "vision": {"strategy": "teacher", "layers": [0, 9]}},
-         "model.init.vision.layers: index 9 out of range: the source has 4 layers"),
-        ({"teacher": "TEACHER", "text": {"strategy": "teacher", "layers": "middle"}},
-         "model.init.text.layers must be first, last, uniform, a list or a mapping, got 'middle'"),
+        ({"teacher": "TEACHER", "vision": {"strategy": "teacher", "layer_map": [0, 9]}},
+         "model.init.vision.layer_map: index 9 out of range: the source has 4 layers"),
+        ({"teacher": "TEACHER", "text": {"strategy": "teacher", "layer_map": "middle"}},
+         "model.init.text.layer_map must be first, last, uniform, a list or a mapping, got 'middle'"),
         ({"teacher": "WIDE", "vision": "teacher"},
          "model.init.vision: width mismatch: teacher 128, student 64; use strategy teacher_reduced"),
         ({"fusion": {"strategy": "pretrained", "source": OFFLINE_VOCAB}},

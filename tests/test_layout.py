@@ -32,13 +32,13 @@ def test_layer_words_have_one_meaning(word, n_student, n_source, expected):
 def test_layer_mappings_and_errors():
     assert select_layers({-1: -1}, 6, 12, "x", complete=False) == {5: 11}
     assert select_layers({0: 0, 1: -1}, 2, 5, "x") == {0: 0, 1: 4}
-    with pytest.raises(ConfigError, match=r"x.layers: student layers \[1\] have no source layer"):
+    with pytest.raises(ConfigError, match=r"x.layer_map: student layers \[1\] have no source layer"):
         select_layers({0: 0}, 2, 5, "x")
-    with pytest.raises(ConfigError, match="x.layers: index 7 out of range: the source has 5 layers"):
+    with pytest.raises(ConfigError, match="x.layer_map: index 7 out of range: the source has 5 layers"):
         select_layers({0: 7}, 2, 5, "x", complete=False)
-    with pytest.raises(ConfigError, match="x.layers lists 1 layers, the student has 2"):
+    with pytest.raises(ConfigError, match="x.layer_map lists 1 layers, the student has 2"):
         select_layers([0], 2, 5, "x")
-    with pytest.raises(ConfigError, match="x.layers must be first, last, uniform, a list or a mapping, got 'every'"):
+    with pytest.raises(ConfigError, match="x.layer_map must be first, last, uniform, a list or a mapping, got 'every'"):
         select_layers("every", 2, 5, "x")
     with pytest.raises(ConfigError, match="'uniform' needs a source at least as deep as the student"):
         select_layers("uniform", 6, 4, "x")

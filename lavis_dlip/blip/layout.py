@@ -28,8 +28,8 @@ from torch import nn
 
 from lavis_dlip.errors import ConfigError
 
-MODULES = ("vision", "text", "fusion", "decoder", "heads")
-STREAMS = ("vision", "text", "fusion", "decoder")  # modules with layers
+MODULES = ("vision", "text", "fusion", "decoder", "task_heads")
+LAYERED = ("vision", "text", "fusion", "decoder")  # modules with layers
 HEAD_NAMES = ("vision_proj", "text_proj", "itm_head", "temp")
 LAYER_WORDS = ("first", "last", "uniform")
 
@@ -113,10 +113,10 @@ def module_layout(model: nn.Module, module: str) -> Optional[ModuleLayout]:
                             "all", "text" if _decoder_tied(model) else "decoder",
                             cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
                             cross_stream="text" if _decoder_reads_questions(model) else "vision")
-    if module == "heads":
+    if module == "task_heads":
         if not any(hasattr(model, name) for name in HEAD_NAMES):
             return None
-        return ModuleLayout("heads", "", "", (), "all", None)
+        return ModuleLayout("task_heads", "", "", (), "all", None)
     raise ConfigError(f"unknown module '{module}' (known: {', '.join(MODULES)})")
 
 
@@ -125,13 +125,13 @@ def layouts(model: nn.Module) -> dict[str, ModuleLayout]:
     return {m: lay for m in MODULES if (lay := module_layout(model, m)) is not None}
 
 
-def stream_layers(model: nn.Module, module: str) -> list[nn.Module]:
+def module_layers(model: nn.Module, module: str) -> list[nn.Module]:
     """The layer modules of one module, in order (empty if the model has none)."""
     lay = module_layout(model, module)
     return [] if lay is None else [lay.layer_module(model, i) for i in lay.layer_ids]
 
 
-def stream_width(model: nn.Module, module: str) -> int:
+def module_width(model: nn.Module, module: str) -> int:
     lay = module_layout(model, module)
     if lay is None:
         raise ConfigError(f"{type(model).__name__} has no {module} module")
@@ -159,7 +159,7 @@ def module_of(key: str, model: nn.Module, found: Optional[Mapping[str, ModuleLay
     if is_training_state(key):
         return None
     if top in HEAD_NAMES:
-        return "heads"
+        return "task_heads"
     found = layouts(model) if found is None else found
     owners = [lay for lay in found.values() if lay.prefix and key.startswith(lay.prefix)]
     for lay in owners:
@@ -208,9 +208,9 @@ def select_layers(spec: Any, n_student: int, n_source: int, where: str, complete
     if isinstance(spec, str) or spec is None:
         word = spec or "uniform"
         if word not in LAYER_WORDS:
-            raise ConfigError(f"{where}.layers must be {', '.join(LAYER_WORDS)}, a list or a mapping, got '{word}'")
+            raise ConfigError(f"{where}.layer_map must be {', '.join(LAYER_WORDS)}, a list or a mapping, got '{word}'")
         if n_student > n_source:
-            raise ConfigError(f"{where}.layers: '{word}' needs a source at least as deep as the student "
+            raise ConfigError(f"{where}.layer_map: '{word}' needs a source at least as deep as the student "
                               f"(student {n_student} layers, source {n_source}); give a list")
         if word == "first":
             chosen = list(range(n_student))
@@ -226,18 +226,18 @@ def select_layers(spec: Any, n_student: int, n_source: int, where: str, complete
     elif hasattr(spec, "__iter__"):
         chosen = [int(i) for i in spec]
         if len(chosen) != n_student:
-            raise ConfigError(f"{where}.layers lists {len(chosen)} layers, the student has {n_student}")
+            raise ConfigError(f"{where}.layer_map lists {len(chosen)} layers, the student has {n_student}")
         pairs = list(enumerate(chosen))
     else:
-        raise ConfigError(f"{where}.layers must be {', '.join(LAYER_WORDS)}, a list or a mapping, got {spec!r}")
+        raise ConfigError(f"{where}.layer_map must be {', '.join(LAYER_WORDS)}, a list or a mapping, got {spec!r}")
     mapping = {}
     for s, t in pairs:
         s, t = s + n_student if s < 0 else s, t + n_source if t < 0 else t
         if not (0 <= s < n_student and 0 <= t < n_source):
-            raise ConfigError(f"{where}.layers: index {t if 0 <= s < n_student else s} out of range: the source has "
+            raise ConfigError(f"{where}.layer_map: index {t if 0 <= s < n_student else s} out of range: the source has "
                               f"{n_source} layers (0..{n_source - 1}), the student {n_student}")
         mapping[s] = t
     if complete and len(mapping) != n_student:
         missing = sorted(set(range(n_student)) - set(mapping))
-        raise ConfigError(f"{where}.layers: student layers {missing} have no source layer")
+        raise ConfigError(f"{where}.layer_map: student layers {missing} have no source layer")
     return dict(sorted(mapping.items()))

@@ -5,7 +5,7 @@ pairs, fused negative pairs; the decoder once), so hooks record *calls*: each ca
 keeps its token ids, padding mask, the image embeddings it attended to, its last
 hidden state, and only those per-layer tensors that some loss term asked for.
 
-Streams are the modules of ``blip/layout.py`` (layer ``i`` of a stream is its
+Modules are the modules of ``blip/layout.py`` (layer ``i`` of a module is its
 ``i``-th layer there):
 
 * ``vision``: ViT blocks (``hidden``, ``attn``);
@@ -26,14 +26,14 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from lavis_dlip.blip.layout import STREAMS, stream_layers
+from lavis_dlip.blip.layout import LAYERED, module_layers
 
-__all__ = ["KINDS", "STREAMS", "Capture", "Call", "Point", "Records", "stream_layers"]
+__all__ = ["KINDS", "LAYERED", "Capture", "Call", "Point", "Records", "module_layers"]
 
 KINDS = {"vision": ("hidden", "attn"), "text": ("hidden", "attn"),
          "fusion": ("hidden", "attn", "cross"), "decoder": ("hidden", "attn", "cross")}
 
-# (stream, kind, layer index within the stream)
+# (module, kind, layer index within the module)
 Point = tuple[str, str, int]
 
 
@@ -41,7 +41,7 @@ Point = tuple[str, str, int]
 class Call:
     """One run of a BERT (text encoder or decoder)."""
 
-    stream: str
+    module: str
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None  # 1 = token, 0 = padding
     encoder_hidden_states: Optional[torch.Tensor] = None
@@ -62,8 +62,8 @@ class Records:
     vision_layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
 
-    def find(self, stream: str, nth: int = 0) -> Optional[Call]:
-        matches = [c for c in self.calls if c.stream == stream]
+    def find(self, module: str, nth: int = 0) -> Optional[Call]:
+        matches = [c for c in self.calls if c.module == module]
         return matches[nth] if len(matches) > nth else None
 
 
@@ -95,36 +95,36 @@ class Capture:
         self._handles: list = []
 
     # -- hook helpers
-    def _current(self, stream: str) -> Optional[Call]:
+    def _current(self, module: str) -> Optional[Call]:
         calls = self.records.calls
-        return calls[-1] if calls and calls[-1].stream == stream else None
+        return calls[-1] if calls and calls[-1].module == module else None
 
-    def _keep(self, stream: str, kind: str, index: int, tensor: torch.Tensor) -> None:
-        if (stream, kind, index) not in self.points:
+    def _keep(self, module: str, kind: str, index: int, tensor: torch.Tensor) -> None:
+        if (module, kind, index) not in self.points:
             return
-        if stream == "vision":
+        if module == "vision":
             self.records.vision_layers[(kind, index)] = tensor
             return
-        call = self._current(stream)
-        if call is not None and (kind, index) not in call.layers:  # first call of its stream only
-            if stream != "fusion" or self.records.find("fusion") is call:
+        call = self._current(module)
+        if call is not None and (kind, index) not in call.layers:  # first call of its module only
+            if module != "fusion" or self.records.find("fusion") is call:
                 call.layers[(kind, index)] = tensor
 
-    def _hook_layers(self, stream: str, layers: list[nn.Module]) -> None:
+    def _hook_layers(self, module: str, layers: list[nn.Module]) -> None:
         for index, layer in enumerate(layers):
             if layer is None:
                 continue
 
             def keep(kind, i=index):
-                return lambda _m, args, out=None: self._keep(stream, kind, i, args[0])
+                return lambda _m, args, out=None: self._keep(module, kind, i, args[0])
 
-            if stream == "vision":
+            if module == "vision":
                 self._handles.append(layer.register_forward_hook(
                     lambda _m, _a, out, i=index: self._keep("vision", "hidden", i, out)))
                 self._handles.append(layer.attn.attn_drop.register_forward_pre_hook(keep("attn")))
                 continue
             self._handles.append(layer.register_forward_hook(
-                lambda _m, _a, out, i=index: self._keep(stream, "hidden", i, out[0])))
+                lambda _m, _a, out, i=index: self._keep(module, "hidden", i, out[0])))
             self._handles.append(layer.attention.self.dropout.register_forward_pre_hook(keep("attn")))
             if hasattr(layer, "crossattention"):
                 self._handles.append(layer.crossattention.self.dropout.register_forward_pre_hook(keep("cross")))
@@ -135,21 +135,21 @@ class Capture:
         calls = self.records.calls
 
         def on_embeddings(_m, _args, kwargs):
-            calls.append(Call(stream="text", input_ids=kwargs.get("input_ids")))
+            calls.append(Call(module="text", input_ids=kwargs.get("input_ids")))
 
         def on_encoder(_m, _args, kwargs):
-            if not calls or calls[-1].output is not None or calls[-1].stream == "decoder":
-                calls.append(Call(stream="fusion"))  # mode="fusion" starts from given embeddings
+            if not calls or calls[-1].output is not None or calls[-1].module == "decoder":
+                calls.append(Call(module="fusion"))  # mode="fusion" starts from given embeddings
             call = calls[-1]
             ehs = kwargs.get("encoder_hidden_states")
-            call.stream = "text" if kwargs.get("mode") == "text" or ehs is None else "fusion"
+            call.module = "text" if kwargs.get("mode") == "text" or ehs is None else "fusion"
             call.encoder_hidden_states = ehs
             ext = kwargs.get("attention_mask")  # med.py: (1 - mask) * -10000, [B, 1, 1, L]
             if ext is not None:
                 call.attention_mask = (ext[:, 0, -1, :] == 0).long()
 
         def on_encoder_out(_m, _args, out):
-            if calls and calls[-1].stream != "decoder" and calls[-1].output is None:
+            if calls and calls[-1].module != "decoder" and calls[-1].output is None:
                 calls[-1].output = out[0]
 
         self._handles.append(bert.embeddings.register_forward_pre_hook(on_embeddings, with_kwargs=True))
@@ -159,7 +159,7 @@ class Capture:
     def _hook_decoder(self, decoder: nn.Module) -> None:
         def on_call(_m, args, kwargs):
             self.records.calls.append(Call(
-                stream="decoder",
+                module="decoder",
                 input_ids=_kwarg(args, kwargs, "input_ids", 0),
                 attention_mask=_kwarg(args, kwargs, "attention_mask", 1),
                 encoder_hidden_states=kwargs.get("encoder_hidden_states"),
@@ -190,10 +190,10 @@ class Capture:
             self._handles.append(model.visual_encoder.norm.register_forward_hook(
                 lambda _m, _a, out: setattr(self.records, "image", out)))
         wanted = {(s, i) for s, _k, i in self.points}
-        for stream in STREAMS:
-            layers = stream_layers(model, stream)
+        for module in LAYERED:
+            layers = module_layers(model, module)
             # hook only layers some point asks for
-            self._hook_layers(stream, [layer if (stream, i) in wanted else None for i, layer in enumerate(layers)])
+            self._hook_layers(module, [layer if (module, i) in wanted else None for i, layer in enumerate(layers)])
         text = _bert(model, "text_encoder")
         if text is not None:
             self._hook_text_encoder(text)

@@ -5,8 +5,8 @@
         - {name: itc, weight: 1.0}                        # the student's own losses
         - {name: itm, weight: 1.0}
         - {name: itc_kd, weight: 1.0, temperature: 1.0}
-        - {name: hidden, stream: vision, layers: uniform, loss: mse, weight: 1.0}
-        - {name: attention, stream: fusion, kind: cross, heads: mean, weight: 1.0}
+        - {name: hidden, module: vision, layer_map: uniform, loss: mse, weight: 1.0}
+        - {name: attention, module: fusion, maps: cross, head_map: mean, weight: 1.0}
 
 A term sees the student's and the teacher's :class:`BlipOutputs` and returns a
 scalar; the step loss is the weighted sum and every term is logged as
@@ -23,9 +23,10 @@ from torch import nn
 
 from lavis_dlip.distill.divergence import FEATURE_LOSSES, feature_loss, lse_kl, prob_kl, soft_kl, topk_kl
 from lavis_dlip.errors import ConfigError, check_keys
-from lavis_dlip.blip.layout import select_layers, stream_layers, stream_width
-from lavis_dlip.distill.capture import KINDS, STREAMS, Point
+from lavis_dlip.blip.layout import select_layers, module_layers, module_width
+from lavis_dlip.distill.capture import KINDS, LAYERED, Point
 from lavis_dlip.distill.outputs import BlipOutputs, DistillError
+from lavis_dlip.renamed import upgrade_term
 
 TERMS: dict[str, type[LossTerm]] = {}
 COMMON = ("name", "weight", "key")
@@ -212,8 +213,8 @@ EMBED_TARGETS = {
     # target: (needs, student width, teacher width, features)
     "image_feat": ({"text"}, lambda m: m.vision_proj.out_features, lambda o: o.image_feat),
     "text_feat": ({"text"}, lambda m: m.text_proj.out_features, lambda o: o.text_feat),
-    "itm_cls": ({"fusion"}, lambda m: stream_width(m, "fusion"), lambda o: o.fusion_cls),
-    "decoder_cls": ({"decoder"}, lambda m: stream_width(m, "decoder"), lambda o: o.decoder_cls),
+    "itm_cls": ({"fusion"}, lambda m: module_width(m, "fusion"), lambda o: o.fusion_cls),
+    "decoder_cls": ({"decoder"}, lambda m: module_width(m, "decoder"), lambda o: o.decoder_cls),
 }
 
 
@@ -247,62 +248,64 @@ class EmbeddingDistill(LossTerm):
         return torch.stack(losses).mean()
 
 
-def layer_map(spec: Union[str, Mapping, list, None], student: nn.Module, teacher: nn.Module, stream: str,
+def layer_map(spec: Union[str, Mapping, list, None], student: nn.Module, teacher: nn.Module, module: str,
               where: str) -> dict[int, int]:
-    """Student layer -> teacher layer of one stream: the words, lists and mappings of
+    """Student layer -> teacher layer of one module: the words, lists and mappings of
     ``layout.select_layers`` (the same meaning as in ``model.init``; a mapping may name
     only some student layers, e.g. ``{-1: -1}``), or ``from_init``: the layers the
-    student's ``model.init`` copied into this stream."""
-    n_student, n_teacher = len(stream_layers(student, stream)), len(stream_layers(teacher, stream))
+    student's ``model.init`` copied into this module."""
+    n_student, n_teacher = len(module_layers(student, module)), len(module_layers(teacher, module))
     if n_student == 0 or n_teacher == 0:
-        raise ConfigError(f"{where}: the student ({n_student}) or teacher ({n_teacher}) has no layers in this stream")
+        raise ConfigError(f"{where}: the student ({n_student}) or teacher ({n_teacher}) has no layers in this module")
     if spec == "from_init":
         report = getattr(student, "init_report", None)
-        chosen = report.layers.get(stream) if report is not None else None
+        chosen = report.layers.get(module) if report is not None else None
         if not chosen:
-            raise ConfigError(f"{where}.layers: from_init, but model.init did not fill the {stream} module from a "
+            raise ConfigError(f"{where}.layer_map: from_init, but model.init did not fill the {module} module from a "
                               f"source; give first, last, uniform, a list or a mapping")
-        if report.source_depth[stream] != n_teacher:
-            raise ConfigError(f"{where}.layers: from_init, but model.init's {stream} source has "
-                              f"{report.source_depth[stream]} layers and the teacher {n_teacher}; give the layers")
+        if report.source_depth[module] != n_teacher:
+            raise ConfigError(f"{where}.layer_map: from_init, but model.init's {module} source has "
+                              f"{report.source_depth[module]} layers and the teacher {n_teacher}; give the layer_map")
         return dict(enumerate(chosen))
     return select_layers(spec, n_student, n_teacher, where, complete=False)
 
 
 class _LayerTerm(LossTerm):
-    KINDS: tuple[str, ...] = ()
+    """A term on per-layer tensors of one ``module``, student layer -> teacher layer by ``layer_map``."""
 
     def __init__(self, cfg, student, teacher, where):
         super().__init__(cfg, student, teacher, where)
-        if "stream" not in cfg:
-            raise ConfigError(f"{where}: missing key 'stream' ({', '.join(STREAMS)})")
-        self.stream = _choice(cfg, "stream", STREAMS, "", where)
-        kinds = tuple(k for k in KINDS[self.stream] if k in self.KINDS)
-        self.kind = _choice(cfg, "kind", kinds, kinds[0], where)
-        self.layers_spec = cfg.get("layers")
-        self.mapping = layer_map(self.layers_spec, student, teacher, self.stream, where)
-        self.needs = frozenset() if self.stream == "vision" else frozenset({self.stream})
+        if "module" not in cfg:
+            raise ConfigError(f"{where}: missing key 'module' ({', '.join(LAYERED)})")
+        self.module = _choice(cfg, "module", LAYERED, "", where)
+        self.kind = self.point_kind(cfg, where)
+        self.layers_spec = cfg.get("layer_map")
+        self.mapping = layer_map(self.layers_spec, student, teacher, self.module, where)
+        self.needs = frozenset() if self.module == "vision" else frozenset({self.module})
+
+    def point_kind(self, cfg, where) -> str:
+        """What the capture records at each layer (``capture.KINDS``)."""
+        return "hidden"
 
     def default_key(self, cfg):
-        kind = cfg.get("kind")
-        return f"{self.NAME}_{cfg.get('stream')}" + (f"_{kind}" if kind and kind not in ("hidden", "attn") else "")
+        return f"{self.NAME}_{cfg.get('module')}"
 
     def student_points(self):
-        return {(self.stream, self.kind, s) for s in self.mapping}
+        return {(self.module, self.kind, s) for s in self.mapping}
 
     def teacher_points(self):
-        return {(self.stream, self.kind, t) for t in self.mapping.values()}
+        return {(self.module, self.kind, t) for t in self.mapping.values()}
 
     def cache_fields(self):
         return {f"{s}.{k}.{j}" for s, k, j in self.teacher_points()}
 
     def pairs(self, s, t):
         for i, j in self.mapping.items():
-            (xs, mask), (xt, _) = s.layer(self.stream, self.kind, i), t.layer(self.stream, self.kind, j)
+            (xs, mask), (xt, _) = s.layer(self.module, self.kind, i), t.layer(self.module, self.kind, j)
             aligned = xs.shape[:-1] == xt.shape[:-1] if self.kind == "hidden" else \
                 xs.shape[0] == xt.shape[0] and xs.shape[2:] == xt.shape[2:]
             if not aligned:
-                raise ConfigError(f"{self.where}: student {self.stream} layer {i} {tuple(xs.shape)} and teacher "
+                raise ConfigError(f"{self.where}: student {self.module} layer {i} {tuple(xs.shape)} and teacher "
                                   f"layer {j} {tuple(xt.shape)} do not align (same image size and patch size?)")
             yield i, xs, xt, mask
 
@@ -313,13 +316,12 @@ class HiddenDistill(_LayerTerm):
     or cosine, through a learned projection when the widths differ (TinyBERT); padding
     tokens are ignored."""
 
-    KEYS = ("stream", "layers", "loss", "project")
-    KINDS = ("hidden",)
+    KEYS = ("module", "layer_map", "loss", "project")
 
     def __init__(self, cfg, student, teacher, where):
         super().__init__(cfg, student, teacher, where)
         self.loss = _choice(cfg, "loss", FEATURE_LOSSES, "mse", where)
-        sw, tw = stream_width(student, self.stream), stream_width(teacher, self.stream)
+        sw, tw = module_width(student, self.module), module_width(teacher, self.module)
         self.proj = nn.ModuleDict({str(i): _projection(sw, tw, bool(cfg.get("project"))) for i in self.mapping})
 
     def forward(self, s, t):
@@ -329,25 +331,32 @@ class HiddenDistill(_LayerTerm):
 
 @register_term("attention")
 class AttentionDistill(_LayerTerm):
-    """KL on attention maps (MiniLM/TinyBERT): ``kind`` attn (self) or cross;
-    ``heads: mean`` compares head-averaged maps, ``matched`` head by head (same
-    head count). Padded query rows are ignored; padded keys carry ~0 mass in both."""
+    """KL on attention maps (MiniLM/TinyBERT): ``maps: self`` or ``cross`` (cross-attention,
+    in fusion and decoder); ``head_map: mean`` compares head-averaged maps, ``matched`` head
+    by head (same head count). Padded query rows are ignored; padded keys carry ~0 mass in both."""
 
-    KEYS = ("stream", "kind", "layers", "heads")
-    KINDS = ("attn", "cross")
+    KEYS = ("module", "maps", "layer_map", "head_map")
+    MAPS = {"self": "attn", "cross": "cross"}  # yaml word -> what the capture records
 
     def __init__(self, cfg, student, teacher, where):
         super().__init__(cfg, student, teacher, where)
-        self.heads = _choice(cfg, "heads", ("mean", "matched"), "mean", where)
+        self.head_map = _choice(cfg, "head_map", ("mean", "matched"), "mean", where)
+
+    def point_kind(self, cfg, where) -> str:
+        maps = tuple(m for m, kind in self.MAPS.items() if kind in KINDS[self.module])
+        return self.MAPS[_choice(cfg, "maps", maps, maps[0], where)]
+
+    def default_key(self, cfg):
+        return super().default_key(cfg) + ("_cross" if cfg.get("maps") == "cross" else "")
 
     def forward(self, s, t):
         losses = []
         for _i, xs, xt, mask in self.pairs(s, t):  # [B, H, Lq, Lk]
-            if self.heads == "mean":
+            if self.head_map == "mean":
                 xs, xt = xs.mean(1, keepdim=True), xt.mean(1, keepdim=True)
             elif xs.shape[1] != xt.shape[1]:
-                raise ConfigError(f"{self.where}.heads: matched needs equal head counts (student {xs.shape[1]}, "
-                                  f"teacher {xt.shape[1]}); use heads: mean")
+                raise ConfigError(f"{self.where}.head_map: matched needs equal head counts (student {xs.shape[1]}, "
+                                  f"teacher {xt.shape[1]}); use head_map: mean")
             rows = None if mask is None else mask[:, None, :]  # query rows of real tokens
             losses.append(prob_kl(xs, xt, rows))
         return torch.stack(losses).mean()
@@ -363,6 +372,7 @@ def validate_terms(specs: Any) -> None:
             raise ConfigError(f"{where}: expected a mapping with a 'name' ({', '.join(TERMS)})")
         if spec["name"] not in TERMS:
             raise ConfigError(f"{where}.name: '{spec['name']}' is not a loss term; known: {', '.join(TERMS)}")
+        upgrade_term(spec, where)
         check_keys(spec, COMMON + TERMS[spec["name"]].KEYS, where)
     weights = [_number(spec.get("weight", 1.0), f"distill.terms[{n}].weight") for n, spec in enumerate(specs)]
     if not any(weights):

@@ -85,11 +85,11 @@ class BlipOutputs:
         self.mined: Optional[MinedPairs] = None  # a teacher's, replayed with fusion_mined
 
     # -- records
-    def call(self, stream: str, nth: int = 0) -> Call:
-        call = self.records.find(stream, nth)
+    def call(self, module: str, nth: int = 0) -> Call:
+        call = self.records.find(module, nth)
         if call is None or call.output is None:
             which = {"text": "a text-encoder pass", "fusion": "a fused (ITM) pass", "decoder": "a decoder pass"}
-            raise DistillError(f"the forward pass of {type(self.model).__name__} made no {which[stream]} "
+            raise DistillError(f"the forward pass of {type(self.model).__name__} made no {which[module]} "
                                f"(call {nth}); a loss term needs it")
         return call
 
@@ -177,13 +177,13 @@ class BlipOutputs:
         return self.call("decoder").scored_probs
 
     # -- per-layer
-    def layer(self, stream: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def layer(self, module: str, kind: str, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A captured per-layer tensor and its token mask (None: no padding)."""
-        if stream == "vision":
+        if module == "vision":
             tensor, mask = self.records.vision_layers.get((kind, index)), None
         else:
-            call = self.call(stream)
+            call = self.call(module)
             tensor, mask = call.layers.get((kind, index)), call.attention_mask
         if tensor is None:
-            raise DistillError(f"{stream} layer {index} ({kind}) was not captured for {type(self.model).__name__}")
+            raise DistillError(f"{module} layer {index} ({kind}) was not captured for {type(self.model).__name__}")
         return tensor, mask

@@ -40,7 +40,7 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
     check_target(target)
     start = time.time()
     model, _ = trained_model(cfg_path, checkpoint, options)
-    kind = hf.kind_of(model)
+    task = hf.task_of(model)
     tmp = target.with_name(target.name + ".tmp")  # a failed export leaves no half-written directory
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -50,12 +50,12 @@ def export(cfg_path: str, checkpoint: str, fmt: str, out: str, options: Sequence
             from omegaconf import OmegaConf
 
             run_cfg = OmegaConf.load(cfg_path).get("run") or {}
-            files = onnx.export_onnx(model, kind, tmp)
+            files = onnx.export_onnx(model, task, tmp)
             model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            serve_cfg = onnx.serving_config(model, kind, hf.image_settings(model), run_cfg)
+            serve_cfg = onnx.serving_config(model, task, hf.image_settings(model), run_cfg)
             (tmp / "serve.json").write_text(json.dumps(serve_cfg, indent=2))
             shutil.copy2(serve.__file__, tmp / "serve.py")  # the loader travels with the model: no LAVIS needed
-            info = {"format": "onnx", "kind": kind, "files": files}
+            info = {"format": "onnx", "task": task, "files": files}
         info["export_s"] = round(time.time() - start, 1)
         if check:
             info["max_abs_diff"] = compare(model, tmp, fmt)

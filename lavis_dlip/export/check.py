@@ -16,7 +16,7 @@ from PIL import Image
 
 from lavis_dlip.blip import passes
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.export.hf import HF_CLASSES, kind_of
+from lavis_dlip.export.hf import HF_CLASSES, task_of
 from lavis_dlip.serve import load
 
 TEXTS = ["a red circle in the top left", "two blue squares on a white background", "a picture of a dog"]
@@ -30,7 +30,7 @@ def example_images(n: int = 3, size: int = 96, seed: int = 0) -> list[Image.Imag
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def lavis_reference(model: torch.nn.Module, kind: str, pixels: np.ndarray, gen: dict) -> dict[str, Any]:
+def lavis_reference(model: torch.nn.Module, task: str, pixels: np.ndarray, gen: dict) -> dict[str, Any]:
     """What LAVIS's own code computes for the example inputs."""
     image = torch.from_numpy(pixels)
     tok = model.tokenizer
@@ -38,7 +38,7 @@ def lavis_reference(model: torch.nn.Module, kind: str, pixels: np.ndarray, gen: 
     with torch.no_grad():
         embeds = model.visual_encoder.forward_features(image)
         ref["image_embeds"] = embeds.numpy()
-        if kind == "retrieval":
+        if task == "retrieval":
             text = tok(TEXTS, padding="longest", truncation=True, max_length=model.max_txt_len, return_tensors="pt")
             out = model.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                      mode="text")
@@ -46,7 +46,7 @@ def lavis_reference(model: torch.nn.Module, kind: str, pixels: np.ndarray, gen: 
             ref["image_feat"] = passes.image_feat(model, embeds)
             ids = passes.with_enc(text.input_ids, tok.enc_token_id)
             ref["itm_prob"] = passes.itm_logits(model, ids, text.attention_mask, embeds).softmax(-1)[:, 1]
-        elif kind == "caption":
+        elif task == "caption":
             ref["text"] = model.generate({"image": image}, num_beams=1, max_length=gen["max_len"],
                                          min_length=gen["min_len"])
         else:
@@ -62,18 +62,18 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_onnx(model: torch.nn.Module, directory: Path) -> dict[str, float]:
     served = load(directory)
-    kind = served.cfg["kind"]
+    task = served.cfg["task"]
     images = example_images()
     pixels = served.pixels(images)
-    ref = lavis_reference(model, kind, pixels, served.cfg.get("generate", {}))
+    ref = lavis_reference(model, task, pixels, served.cfg.get("generate", {}))
     diffs = {"image_embeds": _diff(served.image_embeds(images), ref["image_embeds"])}
-    if kind == "retrieval":
+    if task == "retrieval":
         embeds, feats = served.image_features(images)
         diffs["image_feat"] = _diff(feats, ref["image_feat"])
         diffs["text_feat"] = _diff(served.text_features(TEXTS), ref["text_feat"])
         diffs["itm_prob"] = _diff(served.itm(TEXTS, embeds), ref["itm_prob"])
     else:
-        text = served.caption(images) if kind == "caption" else served.answer(images, QUESTIONS)
+        text = served.caption(images) if task == "caption" else served.answer(images, QUESTIONS)
         if text != ref["text"]:
             raise ConfigError(f"ONNX export of {directory}: generated text differs from LAVIS's: "
                               f"{text!r} vs {ref['text']!r}")
@@ -84,18 +84,18 @@ def compare_hf(model: torch.nn.Module, directory: Path) -> dict[str, float]:
     import transformers
     from transformers import BlipProcessor
 
-    kind = kind_of(model)
-    hf_model = getattr(transformers, HF_CLASSES[kind]).from_pretrained(str(directory)).eval()
+    task = task_of(model)
+    hf_model = getattr(transformers, HF_CLASSES[task]).from_pretrained(str(directory)).eval()
     processor = BlipProcessor.from_pretrained(str(directory))
     images = example_images()
     pixels = processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
-    gen = {"max_len": 20, "min_len": 5} if kind == "caption" else {"max_len": 10, "min_len": 1}
-    ref = lavis_reference(model, kind, pixels, gen)
+    gen = {"max_len": 20, "min_len": 5} if task == "caption" else {"max_len": 10, "min_len": 1}
+    ref = lavis_reference(model, task, pixels, gen)
     diffs: dict[str, float] = {}
     with torch.no_grad():
         pv = torch.from_numpy(pixels)
         diffs["image_embeds"] = _diff(hf_model.vision_model(pv)[0].numpy(), ref["image_embeds"])
-        if kind == "retrieval":
+        if task == "retrieval":
             text = processor(text=TEXTS, padding="longest", return_tensors="pt")
             ids = passes.with_enc(text.input_ids, model.tokenizer.enc_token_id)  # BLIP's ITM input (see export/hf.py)
             itm = hf_model(input_ids=ids, pixel_values=pv, attention_mask=text.attention_mask, use_itm_head=True)
@@ -104,7 +104,7 @@ def compare_hf(model: torch.nn.Module, directory: Path) -> dict[str, float]:
                            use_itm_head=False).itm_score
             diffs["itc_sim"] = _diff(sim.numpy(), ref["image_feat"] @ ref["text_feat"].T)
             return diffs
-        if kind == "caption":
+        if task == "caption":
             prompt = processor(text=[model.prompt] * len(images), return_tensors="pt")
             out = hf_model.generate(pixel_values=pv, input_ids=prompt.input_ids, num_beams=1,
                                     max_length=gen["max_len"], min_length=gen["min_len"])

@@ -62,28 +62,28 @@ RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blo
 SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
 
 
-def kind_of(model: nn.Module) -> str:
+def task_of(model: nn.Module) -> str:
     """retrieval, caption or vqa, by LAVIS class (students subclass LAVIS's)."""
     from lavis.models.blip_models.blip_caption import BlipCaption
     from lavis.models.blip_models.blip_retrieval import BlipRetrieval
     from lavis.models.blip_models.blip_vqa import BlipVQA
 
-    for cls, kind in ((BlipRetrieval, "retrieval"), (BlipCaption, "caption"), (BlipVQA, "vqa")):
+    for cls, task in ((BlipRetrieval, "retrieval"), (BlipCaption, "caption"), (BlipVQA, "vqa")):
         if isinstance(model, cls):
-            return kind
+            return task
     raise ConfigError(f"{type(model).__name__} is not a BLIP retrieval, captioning or VQA model; "
                       f"export supports {', '.join(HF_CLASSES)}")
 
 
-def _bert_config(model: nn.Module, kind: str):
-    bert = model.text_decoder.bert if kind == "caption" else model.text_encoder
+def _bert_config(model: nn.Module, task: str):
+    bert = model.text_decoder.bert if task == "caption" else model.text_encoder
     cfg = bert.config
     if getattr(cfg, "fusion_layer", None) is not None:
         raise ConfigError(
             f"transformers' BLIP text model cross-attends in every layer; this model's text encoder has "
             f"{cfg.fusion_layer} text-only layers before its fusion layers (model.text.fusion_layers): "
             "export it to ONNX instead")
-    if kind == "vqa":
+    if task == "vqa":
         dec = model.text_decoder.bert.config
         fields = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
         diff = [f"{f} {getattr(cfg, f)} vs {getattr(dec, f)}" for f in fields if getattr(cfg, f) != getattr(dec, f)]
@@ -109,7 +109,7 @@ def vision_eps(model: nn.Module) -> float:
     return eps.pop()
 
 
-def blip_config(model: nn.Module, kind: str):
+def blip_config(model: nn.Module, task: str):
     """transformers' ``BlipConfig`` of ``model``."""
     from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
 
@@ -120,7 +120,7 @@ def blip_config(model: nn.Module, kind: str):
         num_hidden_layers=len(ve.blocks), num_attention_heads=int(block.attn.num_heads),
         image_size=int(ve.patch_embed.img_size[0]), patch_size=int(ve.patch_embed.patch_size[0]),
         layer_norm_eps=HF_VISION_EPS, hidden_act="gelu", projection_dim=int(ve.embed_dim))
-    bert = _bert_config(model, kind)
+    bert = _bert_config(model, task)
     tok = model.tokenizer
     text = BlipTextConfig(
         vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, encoder_hidden_size=int(ve.embed_dim),
@@ -129,10 +129,10 @@ def blip_config(model: nn.Module, kind: str):
         layer_norm_eps=bert.layer_norm_eps, hidden_act=bert.hidden_act, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
         sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id, projection_dim=bert.hidden_size)
-    embed = int(model.vision_proj.out_features) if kind == "retrieval" else 256
+    embed = int(model.vision_proj.out_features) if task == "retrieval" else 256
     config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=embed,
                         image_text_hidden_size=embed)
-    config.architectures = [HF_CLASSES[kind]]
+    config.architectures = [HF_CLASSES[task]]
     return config
 
 
@@ -183,15 +183,15 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     from PIL import Image
     from transformers import BlipImageProcessor, BlipProcessor
 
-    kind = kind_of(model)
-    config = blip_config(model, kind)
-    hf_model = getattr(transformers, HF_CLASSES[kind])(config).eval()
+    task = task_of(model)
+    config = blip_config(model, task)
+    hf_model = getattr(transformers, HF_CLASSES[task])(config).eval()
     state, dropped = hf_state(model.state_dict(), vision_eps(model))
     expected = hf_model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     extra = [k for k in state if k not in expected]
     if missing or extra:
-        raise ConfigError(f"export to transformers {HF_CLASSES[kind]}: {len(missing)} of its weights have no "
+        raise ConfigError(f"export to transformers {HF_CLASSES[task]}: {len(missing)} of its weights have no "
                           f"source{f', e.g. {missing[0]!r}' if missing else ''}; {len(extra)} weights have no "
                           f"place{f', e.g. {extra[0]!r}' if extra else ''}")
     bad = [k for k in state if state[k].shape != expected[k].shape]
@@ -207,6 +207,6 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
                                            resample=Image.BICUBIC, image_mean=img["mean"], image_std=img["std"]),
         tokenizer=model.tokenizer)
     processor.save_pretrained(out)
-    return {"format": "hf", "class": HF_CLASSES[kind], "kind": kind, "dropped": len(dropped),
+    return {"format": "hf", "class": HF_CLASSES[task], "task": task, "dropped": len(dropped),
             "weights": len(state), "prompt": getattr(model, "prompt", None),
             "enc_token_id": int(model.tokenizer.enc_token_id)}

@@ -132,8 +132,8 @@ def _export_decoder(model: nn.Module, states: torch.Tensor, path: Path) -> None:
             ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *names], ["logits", *presents], axes)
 
 
-def export_onnx(model: nn.Module, kind: str, out: Path) -> list[str]:
-    """Write the graphs of ``kind`` into ``out``; their file names."""
+def export_onnx(model: nn.Module, task: str, out: Path) -> list[str]:
+    """Write the graphs of ``task`` into ``out``; their file names."""
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     image = _example_image(model)
@@ -143,7 +143,7 @@ def export_onnx(model: nn.Module, kind: str, out: Path) -> list[str]:
     files = []
     with torch.no_grad():
         embeds = model.visual_encoder.forward_features(image)
-    if kind == "retrieval":
+    if task == "retrieval":
         _export(ImageEncoder(model, True), (image,), out / "image_encoder.onnx", ["pixel_values"],
                 ["image_embeds", "image_feat"],
                 {"pixel_values": {0: "batch"}, **embeds_axes, "image_feat": {0: "batch"}})
@@ -153,12 +153,12 @@ def export_onnx(model: nn.Module, kind: str, out: Path) -> list[str]:
                 ["input_ids", "attention_mask", "image_embeds"], ["itm_logits", "itm_prob"],
                 {**text_axes, **embeds_axes, "itm_logits": {0: "batch"}, "itm_prob": {0: "batch"}})
         files = ["image_encoder.onnx", "text_encoder.onnx", "itm.onnx"]
-    elif kind == "caption":
+    elif task == "caption":
         _export(ImageEncoder(model, False), (image,), out / "image_encoder.onnx", ["pixel_values"],
                 ["image_embeds"], {"pixel_values": {0: "batch"}, **embeds_axes})
         _export_decoder(model, embeds, out / "decoder_step.onnx")
         files = ["image_encoder.onnx", "decoder_step.onnx"]
-    elif kind == "vqa":
+    elif task == "vqa":
         _export(ImageEncoder(model, False), (image,), out / "image_encoder.onnx", ["pixel_values"],
                 ["image_embeds"], {"pixel_values": {0: "batch"}, **embeds_axes})
         _export(Fused(model, itm=False), (ids, mask, embeds), out / "question_encoder.onnx",
@@ -171,20 +171,20 @@ def export_onnx(model: nn.Module, kind: str, out: Path) -> list[str]:
     return files
 
 
-def serving_config(model: nn.Module, kind: str, image: dict[str, Any], run_cfg: Any) -> dict[str, Any]:
+def serving_config(model: nn.Module, task: str, image: dict[str, Any], run_cfg: Any) -> dict[str, Any]:
     """What ``lavis_dlip.serve`` needs beside the graphs: preprocessing, special tokens,
     LAVIS's generation settings."""
     tok = model.tokenizer
-    cfg: dict[str, Any] = {"kind": kind, "image": image, "pad_token_id": tok.pad_token_id,
+    cfg: dict[str, Any] = {"task": task, "image": image, "pad_token_id": tok.pad_token_id,
                            "cls_token_id": tok.cls_token_id, "sep_token_id": tok.sep_token_id,
                            "bos_token_id": tok.bos_token_id, "enc_token_id": int(tok.enc_token_id),
                            "max_txt_len": int(getattr(model, "max_txt_len", 35))}
-    if kind in ("caption", "vqa"):
+    if task in ("caption", "vqa"):
         layers, heads, dim = decoder_cache_shape(model)
         cfg["decoder"] = {"layers": layers, "heads": heads, "head_dim": dim}
-        default_len = (30, 5) if kind == "caption" else (10, 1)
+        default_len = (30, 5) if task == "caption" else (10, 1)
         cfg["generate"] = {"max_len": int(run_cfg.get("max_len", default_len[0])),
                            "min_len": int(run_cfg.get("min_len", default_len[1]))}
-    if kind == "caption":
+    if task == "caption":
         cfg["prompt"] = model.prompt
     return cfg

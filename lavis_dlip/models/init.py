@@ -1,11 +1,11 @@
 """Module-wise initialisation of DLIP students (``model.init`` in yaml).
 
-Each module (vision, text, fusion, decoder, heads; see ``blip/layout.py``) is
+Each module (vision, text, fusion, decoder, task_heads; see ``blip/layout.py``) is
 initialised on its own:
 
 * ``random``: leave LAVIS's initialisation;
 * ``teacher``: copy tensors from the teacher (``model.init.teacher``), choosing
-  teacher layers by ``layers`` (``first``, ``last``, ``uniform``, a list; the
+  teacher layers by ``layer_map`` (``first``, ``last``, ``uniform``, a list; the
   vocabulary of ``layout.select_layers``); every width must match;
 * ``teacher_reduced``: as ``teacher`` where widths differ: keeps whole teacher
   heads (and the same channels of a kept head in query, key, value and output),
@@ -40,11 +40,12 @@ from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.models import sources
 from lavis_dlip.models.importance import CRITERIA, Importance, importance, top
 from lavis_dlip.blip.layout import MODULES, ModuleLayout, module_keys, module_layout, select_layers
+from lavis_dlip.renamed import upgrade_init
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "teacher", "teacher_reduced", "pretrained")
-MODULE_KEYS = ("strategy", "source", "source_heads", "layers", "criterion")
+MODULE_KEYS = ("strategy", "source", "source_heads", "layer_map", "criterion")
 CALIBRATION_KEYS = ("batches", "batch_size")
 INIT_KEYS = ("teacher", "criterion", "calibration") + MODULES
 FROM_TEACHER = ("teacher", "teacher_reduced")
@@ -117,7 +118,7 @@ def roles(rel: str, ndim: int, in_layer: bool, module: str) -> tuple:
     for pattern, r in ROLE_RULES:
         if re.search(pattern, rel) and len(r) == ndim:
             return r
-    return ("hid",) * ndim if ndim == 1 and module != "heads" else (None,) * ndim
+    return ("hid",) * ndim if ndim == 1 and module != "task_heads" else (None,) * ndim
 
 
 def _block(rel: str, role: str) -> str:
@@ -301,6 +302,7 @@ class Transfer:
 # ----------------------------------------------------------------------------- entry point
 def parse_init(init_cfg: Mapping[str, Any]) -> dict[str, tuple[dict, str, str]]:
     """Validated ``model.init``: module -> (spec, strategy, criterion)."""
+    init_cfg = upgrade_init(dict(init_cfg))
     check_keys(init_cfg, INIT_KEYS, "model.init")
     check_keys(dict(init_cfg.get("calibration") or {}), CALIBRATION_KEYS, "model.init.calibration")
     default_criterion = init_cfg.get("criterion", "magnitude")
@@ -328,7 +330,7 @@ def apply_init(model, init_cfg: Optional[Mapping[str, Any]]) -> InitReport:
     report = InitReport()
     if not init_cfg:
         return report
-    init_cfg = dict(init_cfg)
+    init_cfg = upgrade_init(dict(init_cfg))
     specs = parse_init(init_cfg)
     shared = Inheritance(model, init_cfg, specs, report)
     for module, (spec, strategy, criterion) in specs.items():
@@ -348,11 +350,11 @@ def apply_init(model, init_cfg: Optional[Mapping[str, Any]]) -> InitReport:
         source = shared.teacher if strategy in FROM_TEACHER else sources.pretrained(module, spec, where)
         if strategy == "pretrained":
             _check_heads(module, lay, source.layout(module, where))
-        Transfer(shared, module, strategy, criterion, source).run(spec.get("layers"))
+        Transfer(shared, module, strategy, criterion, source).run(spec.get("layer_map"))
 
     dec = module_layout(model, "decoder")
     if dec is not None and dec.stream == "text" and report.layers.get("decoder") != report.layers.get("text"):
-        raise ConfigError(f"model.init.decoder.layers: the decoder shares all but self-attention with the text "
+        raise ConfigError(f"model.init.decoder.layer_map: the decoder shares all but self-attention with the text "
                           f"encoder (decoder.share: true), so it needs the text's layers {report.layers.get('text')}, "
                           f"not {report.layers.get('decoder')}")
     if hasattr(model, "copy_params"):

@@ -38,14 +38,14 @@ class Spec:
     def needs(self) -> set[str]:
         needs = set()
         for field in self.fields:
-            stream = field.split(".")[0]
-            if field in ("image_feat", "text_feat") or stream == "text":
+            module = field.split(".")[0]
+            if field in ("image_feat", "text_feat") or module == "text":
                 needs.add("text")
-            if field in ("itm_pos", "fusion_cls") or stream == "fusion":
+            if field in ("itm_pos", "fusion_cls") or module == "fusion":
                 needs.add("fusion")
             if field == "itm_mined":
                 needs |= {"text", "fusion", "fusion_mined"}
-            if field == "decoder_cls" or stream == "decoder" or field.startswith("lm_t"):
+            if field == "decoder_cls" or module == "decoder" or field.startswith("lm_t"):
                 needs.add("decoder")
         return needs
 
@@ -54,9 +54,9 @@ class Spec:
         return {(s, k, int(j)) for f in self.fields if f.count(".") == 2 for s, k, j in [f.split(".")]}
 
 
-def _rows_per_sample(samples: Mapping, batch: int, stream: str) -> list[int]:
+def _rows_per_sample(samples: Mapping, batch: int, module: str) -> list[int]:
     """Decoder rows per sample: BLIP VQA decodes every answer of a question."""
-    if stream == "decoder" and "n_answers" in samples:
+    if module == "decoder" and "n_answers" in samples:
         return [int(n) for n in samples["n_answers"]]
     return [1] * batch
 
@@ -89,15 +89,15 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
     batch = samples["image"].shape[0]
     entries: list[dict[str, Any]] = [{} for _ in range(batch)]
 
-    def put(field: str, rows: torch.Tensor, stream: str, per_row=lambda r, x: x) -> None:
-        counts = _rows_per_sample(samples, batch, stream)
+    def put(field: str, rows: torch.Tensor, module: str, per_row=lambda r, x: x) -> None:
+        counts = _rows_per_sample(samples, batch, module)
         r = 0
         for i, n in enumerate(counts):
             entries[i][field] = [per_row(r + j, rows[r + j]) for j in range(n)]
             r += n
 
-    def lengths(stream: str) -> torch.Tensor:
-        return student_records.find(stream).attention_mask.sum(1)
+    def lengths(module: str) -> torch.Tensor:
+        return student_records.find(module).attention_mask.sum(1)
 
     text_call = student_records.find("text") or student_records.find("fusion")
     if text_call is not None:
@@ -106,13 +106,13 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
     for field in spec.fields:
         parts = field.split(".")
         if len(parts) == 3:
-            stream, kind, j = parts[0], parts[1], int(parts[2])
-            x = t.layer(stream, kind, j)[0]
-            if stream == "vision":
-                put(field, x, stream)
+            module, kind, j = parts[0], parts[1], int(parts[2])
+            x = t.layer(module, kind, j)[0]
+            if module == "vision":
+                put(field, x, module)
             else:
-                lens = lengths(stream)
-                put(field, x, stream, lambda r, row, lens=lens, kind=kind: _trim(row, kind, int(lens[r])))
+                lens = lengths(module)
+                put(field, x, module, lambda r, row, lens=lens, kind=kind: _trim(row, kind, int(lens[r])))
         elif field.startswith("lm_t"):  # only at scored positions, as lm_kd reads them
             keep = scored_positions(student_records.find("decoder"))
             logits = t.lm_rows(keep)[0].float()
@@ -130,11 +130,11 @@ def extract(spec: Spec, t, student_records, samples: Mapping, temperatures: dict
             put(field, mined.logits, "vision",
                 lambda r, row, m=mined: {"logits": row, "ids": m.input_ids[r][m.attention_mask[r].bool()].int()})
         else:
-            stream = "decoder" if field == "decoder_cls" else "vision"
+            module = "decoder" if field == "decoder_cls" else "vision"
             value = {"image_feat": lambda: t.image_feat, "text_feat": lambda: t.text_feat,
                      "fusion_cls": lambda: t.fusion_cls, "itm_pos": lambda: t.itm_logits("positives"),
                      "decoder_cls": lambda: t.decoder_cls, "image_embeds": lambda: t.image_embeds}[field]()
-            put(field, value, stream)
+            put(field, value, module)
     return [_to_cpu(e, dtype) for e in entries]
 
 

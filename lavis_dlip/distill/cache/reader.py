@@ -97,10 +97,10 @@ class CacheReader:
                 fields[field] = MinedPairs(value["ids"].to(device), value["mask"].to(device),
                                            value["logits"].to(device).float())
             elif len(parts) == 3 and parts[0] in STREAM_FIELDS:
-                stream = records.find(parts[0])
-                value = _pad(value, parts[1], stream.attention_mask.shape[1])
+                module = records.find(parts[0])
+                value = _pad(value, parts[1], module.attention_mask.shape[1])
                 if parts[1] == "cross":
-                    value = _fit_last(value, stream.encoder_hidden_states.shape[1])
+                    value = _fit_last(value, module.encoder_hidden_states.shape[1])
                 fields[field] = value.to(device).float()  # moved in the stored dtype
             else:
                 fields[field] = value.to(device).float()
@@ -159,5 +159,5 @@ class CachedOutputs:
     def lm_topk(self, temperature: float):
         return self._get(f"lm_t{temperature:g}")
 
-    def layer(self, stream: str, kind: str, index: int):
-        return self._get(f"{stream}.{kind}.{index}"), None
+    def layer(self, module: str, kind: str, index: int):
+        return self._get(f"{module}.{kind}.{index}"), None
