@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lavis_dlip tests benchmarks
 
-# DLIP's analysis on the demo data (projects/dlip/study/): arms x 3 seeds each, reusing the demo's teachers;
+# DLIP's analysis on the demo data (projects/dlip/study/): arms x 3 seeds each, on the demo's teachers;
 # results in output/study/<name>/study.md (docs/benchmarks/study_*.md hold the committed ones)
 study: $(STAMP)
 	$(PY) -m lavis_dlip.study --cfg-path projects/dlip/study/retrieval.yaml

@@ -10,12 +10,13 @@ For retrieval, captioning and VQA (``projects/dlip/demo/{teacher,distill,student
    distill it with DLIP's loss terms, reading the teacher's outputs from the cache;
 4. **init only**: the distilled student's initialisation, trained without a teacher (its
    own losses only): what distillation adds over inheriting the teacher's weights;
-5. **not distilled**: train the same student from random weights without a teacher;
-6. evaluate all four with LAVIS's metrics, time their inference side by side,
+5. **not distilled** (``--not-distilled``): the same student from random weights without a
+   teacher (a study's ``no_teacher`` reference, ``docs/study.md``);
+6. evaluate them with LAVIS's metrics, time their inference side by side,
    print one table with the time of every stage and plot quality against size
    and latency (``demo.png`` in the output directory).
 
-The five training stages of all tasks run two at a time (``--parallel``), one CPU thread
+The training stages of all tasks run two at a time (``--parallel``), one CPU thread
 each, a stage as soon as what it reads exists (``run_stages``), each one's output in
 ``<output-dir>/<task>/<stage>.log``. A trained run and a cache are kept
 (``lavis_dlip.kept``) and reused by the next demo with the same yaml, data and options:
@@ -92,7 +93,12 @@ def timings(models: dict[str, Any], repeats: int) -> dict[str, dict]:
 
 STAGES = ("teacher", "cache", "distilled", "init only", "not distilled")  # a stage reads only stages before it
 MODELS = ("teacher", "distilled", "init only", "not distilled")  # the table's rows of a task
+OPTIONAL = ("not distilled",)  # stages run only when asked (--not-distilled): make demo stays inside its time
 
+
+def demo_stages(not_distilled: bool = False) -> tuple[str, ...]:
+    """The stages a task runs, in order."""
+    return tuple(name for name in STAGES if not_distilled or name not in OPTIONAL)
 
 def own_terms(cfg_path: Path) -> list[dict]:
     """A distillation yaml's terms that need no teacher: the student's own losses."""
@@ -106,7 +112,7 @@ def stage_cfgs(task: str) -> dict[str, Path]:
 
 
 def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dict[str, Stage]:
-    """A task's four stages. Where each writes is known before it runs (the teacher's and
+    """A task's stages (all of ``STAGES``). Where each writes is known before it runs (the teacher's and
     the cache's directories are keyed by their inputs), so none waits to be planned."""
     cfgs = stage_cfgs(task)
     teacher_dir = kept_dir(cfgs["teacher"], data, options)
@@ -162,7 +168,7 @@ def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
     cfgs = stage_cfgs(task)
     stage_cfg = {"teacher": cfgs["teacher"], "distilled": cfgs["distill"], "init only": cfgs["distill"],
                  "not distilled": cfgs["student"]}
-    stages = {name: results[name] for name in stage_cfg}
+    stages = {name: results[name] for name in stage_cfg if name in results}
     torch.manual_seed(0)
     cost = timings({name: load_trained(stage_cfg[name], stage["checkpoint"]) for name, stage in stages.items()},
                    repeats)
@@ -183,11 +189,12 @@ def task_rows(task: str, results: dict[str, dict], repeats: int) -> list[dict]:
 
 
 def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, data_preset: str = "demo",
-             tasks: Sequence[str] = tuple(TASKS), parallel: int = 2, progress_s: float = 30.0) -> dict:
-    """Teacher, teacher-output cache, distilled and not-distilled students per task
-    (``options`` apply to every stage), ``parallel`` stages at a time (``run_stages``),
-    their plan printed first and their progress every ``progress_s`` seconds; then
-    latency is timed alone."""
+             tasks: Sequence[str] = tuple(TASKS), parallel: int = 2, progress_s: float = 30.0,
+             not_distilled: bool = False) -> dict:
+    """Teacher, teacher-output cache, distilled and init-only students per task, and with
+    ``not_distilled`` the student from random weights (``options`` apply to every stage),
+    ``parallel`` stages at a time (``run_stages``), their plan printed first and their
+    progress every ``progress_s`` seconds; then latency is timed alone."""
 
     start = time.time()
     data = ensure(data_preset)
@@ -200,8 +207,9 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
         per_task[task] = task_stages(task, data, out / task, opts)
     # the order among ready stages: the teachers (the retrieval teacher, the longest, first), the
     # caches, then a task's two students together (the retrieval students, the longest, first)
-    order = [(task, name) for name in STAGES[:2] for task in tasks]
-    order += [(task, name) for task in tasks for name in STAGES[2:]]
+    names = demo_stages(not_distilled)
+    order = [(task, name) for name in names[:2] for task in tasks]
+    order += [(task, name) for task in tasks for name in names[2:]]
     stages = {(task, name): per_task[task][name] for task, name in order}
     logs = {(task, name): out / task / f"{name.replace(' ', '_')}.log" for task, name in stages}
     times = kept_root() / "stage_times.json" if data_preset == "demo" else None
@@ -209,7 +217,7 @@ def run_demo(output_dir: str, options: Sequence[str] = (), repeats: int = 3, dat
     results = run_stages(stages, logs, parallel, progress, describe=_done_line)
     rows = []
     for task in tasks:
-        rows += task_rows(task, {name: results[(task, name)] for name in STAGES}, repeats)
+        rows += task_rows(task, {name: results[(task, name)] for name in names}, repeats)
     result = {"rows": rows, "total_s": time.time() - start, "data": str(data), "parallel": parallel}
     result["plot"] = str(plot(result, out / "demo.png"))
     return result
@@ -240,7 +248,7 @@ def plot(result: dict, path: Path) -> Path:
             ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower right")
-    fig.suptitle("lavis-dlip demo: teacher, distilled and not-distilled students (test split)")
+    fig.suptitle("lavis-dlip demo: teacher and students (test split)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -275,13 +283,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="stages run at once, sharing the CPU threads (1: one after the other)")
+    parser.add_argument("--not-distilled", action="store_true",
+                        help="also train each student from random weights without a teacher (a few minutes more)")
     parser.add_argument("--json", help="where to write the table as JSON (default: <output-dir>/demo.json)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-    result = run_demo(args.output_dir, args.options, args.repeats, tasks=args.tasks, parallel=args.parallel)
+    result = run_demo(args.output_dir, args.options, args.repeats, tasks=args.tasks, parallel=args.parallel,
+                      not_distilled=args.not_distilled)
     print_table(result)
     Path(args.json or Path(args.output_dir) / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     return 0

@@ -23,7 +23,9 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
     # two of the three tasks (VQA's stages are the captioner's with another task: its teacher,
     # cache and distillation are tests/test_distill.py's and test_cache.py's)
     tasks = ("retrieval", "caption")
-    first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke", tasks=tasks)
+    # with the optional stage (--not-distilled): every stage the demo knows
+    first = demo.run_demo(str(tmp_path / "out"), options, repeats=1, data_preset="smoke", tasks=tasks,
+                          not_distilled=True)
     assert [(r["task"], r["model"]) for r in first["rows"]] == [(t, m) for t in tasks for m in demo.MODELS]
     for task in tasks:
         rows = {r["model"]: r for r in first["rows"] if r["task"] == task}
@@ -78,7 +80,7 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
         for fmt in (formats[row["task"]],):
             out = tmp_path / "export" / f"{row['task']}-{fmt}"
             info = export(row["cfg_path"], row["checkpoint"], fmt, str(out))
-            assert info["kind"] == row["task"] and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
+            assert info["task"] == row["task"] and max(info["max_abs_diff"].values()) <= TOLERANCE[fmt]
             assert json.loads((out / "dlip_export.json").read_text())["max_abs_diff"] == info["max_abs_diff"]
     assert "Export a student: python -m lavis_dlip.export" in table
 
@@ -281,3 +283,13 @@ def test_estimates_of_waiting_stages_scale_by_what_finished_stages_took():
     assert abs(progress.remaining([("s", "b")]) - 1 * minute) < 1e-6
     assert abs(progress.remaining([("s", "b"), ("s", "d")]) - 2 * minute) < 1e-6  # d: the mean of those done
     assert progress.remaining([("s", "c")]) == 0.0  # reused
+
+
+def test_the_random_init_student_runs_only_when_asked():
+    """`make demo` trains teacher, cache, distilled and init-only stages; --not-distilled adds the
+    student from random weights (a study's no_teacher) as its last stage."""
+    from lavis_dlip import demo
+
+    assert demo.demo_stages() == ("teacher", "cache", "distilled", "init only")
+    assert demo.demo_stages(not_distilled=True) == demo.STAGES
+    assert demo.STAGES[-1] == "not distilled"
