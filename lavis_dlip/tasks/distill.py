@@ -40,6 +40,7 @@ from lavis_dlip.distill.cache import (
 )
 from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.errors import ConfigError, check_keys
+from lavis_dlip.run_yaml import ensure_distill
 from lavis_dlip.tasks.captioning import DlipCaptionTask
 from lavis_dlip.tasks.items import ItemScoresMixin
 from lavis_dlip.tasks.loop import TrainLoop
@@ -57,6 +58,11 @@ class DistillTaskMixin:
     cache_cfg: Optional[dict] = None
     cache_dataset: Optional[ReplayDataset] = None  # the train split, replaying the cached augmentations
     RUNNER = "runner_dlip"  # its train step returns (loss, terms) and it places the teacher
+
+    @classmethod
+    def setup_task(cls, cfg):
+        ensure_distill(cfg)  # a config LAVIS's own train.py built lacks the distill section
+        return super().setup_task(cfg=cfg)
 
     @classmethod
     def validate_config(cls, raw, base_dir: str) -> None:
@@ -151,6 +157,7 @@ class DistillPretrainTask(DistillTaskMixin, TrainLoop, ImageTextPretrainTask):
 
     @classmethod
     def setup_task(cls, cfg):
+        ensure_distill(cfg)
         task = cls(cfg=cfg.run_cfg)
         task._retrieval.item_scores = bool(cfg.run_cfg.get("item_scores", False))
         return task
