@@ -20,6 +20,7 @@ from lavis_dlip.errors import ConfigError
 from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
 from lavis_dlip.datasets.builders import LocalBuilder
 from lavis_dlip.blip.teacher import teacher_model_config
+from lavis_dlip.models import sources
 from lavis_dlip.models.init import parse_init
 
 __all__ = ["ConfigError", "load_config", "validate", "validate_merged"]
@@ -167,7 +168,8 @@ def _init_files(init) -> list[tuple[str, str]]:
         files.append((teacher.checkpoint, "model.init.teacher.checkpoint"))
     for module, (spec, strategy, _) in parse_init(init).items():
         source = str(spec.get("source") or "")
-        if strategy == "pretrained" and source and not checkpoint.is_url(source) \
+        named = source.startswith((sources.TIMM, sources.HF))  # resolved by timm or transformers
+        if strategy == "pretrained" and source and not named and not checkpoint.is_url(source) \
                 and not os.path.exists(checkpoint.local_path(source)):
             raise ConfigError(f"model.init.{module}.source: {source}: no such file or directory")
     return files

@@ -36,7 +36,8 @@ def _build(name: str, checkpoints):
 
     (_, blip), (_, deit) = checkpoints
     return build_random(str(PRETRAIN / f"{name}.yaml"), tokenizer=OFFLINE_VOCAB, random_init=False,
-                        options=[f"model.init.teacher.checkpoint={blip}", f"model.init.vision.source={deit}"])
+                        options=[f"model.init.teacher.checkpoint={blip}", f"model.init.vision.source={deit}",
+                                 "model.init.vision.source_heads=6"])
 
 
 def _rows(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -340,3 +342,73 @@ def test_teacher_shape_must_be_known_and_heads_must_fit(tmp_path, deep_teacher, 
     with pytest.raises(ConfigError, match="cannot keep whole teacher heads: the student has 8 heads of 8, the teacher "
                                           "4 of 32"):
         cls.from_config(cfg)
+
+
+def _timm_to_hf(timm_state: dict, depth: int) -> dict:
+    """timm ViT -> transformers ViT key names, written here independently of the plugin's filter."""
+    out = {"embeddings.cls_token": timm_state["cls_token"], "embeddings.position_embeddings": timm_state["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": timm_state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": timm_state["patch_embed.proj.bias"],
+           "layernorm.weight": timm_state["norm.weight"], "layernorm.bias": timm_state["norm.bias"]}
+    for i in range(depth):
+        t, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            q, k, v = timm_state[t + f"attn.qkv.{p}"].chunk(3)
+            out.update({h + f"attention.attention.query.{p}": q, h + f"attention.attention.key.{p}": k,
+                        h + f"attention.attention.value.{p}": v,
+                        h + f"attention.output.dense.{p}": timm_state[t + f"attn.proj.{p}"],
+                        h + f"layernorm_before.{p}": timm_state[t + f"norm1.{p}"],
+                        h + f"layernorm_after.{p}": timm_state[t + f"norm2.{p}"],
+                        h + f"intermediate.dense.{p}": timm_state[t + f"mlp.fc1.{p}"],
+                        h + f"output.dense.{p}": timm_state[t + f"mlp.fc2.{p}"]})
+    return out
+
+
+def test_named_vision_sources_initialise_as_the_deit_file(tmp_path, monkeypatch):
+    """`timm:<name>` (through timm's loader, from the torch hub cache) and `hf:<dir>` (a transformers
+    ViT and a DeiT written by save_pretrained) give the student's vision the tensors the same
+    weights give as a DeiT state dict file."""
+    import timm
+    import transformers
+
+    torch.manual_seed(3)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)  # random weights, DeiT-Ti's shape
+    state = deit.state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # timm's loader finds the file in the hub cache
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(deit.default_cfg["url"]).name
+    cached.parent.mkdir(parents=True)
+    torch.save({"model": state}, cached)
+    torch.save({"model": state}, tmp_path / "deit.pth")
+
+    vit_cfg = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                   image_size=224, patch_size=16)
+    hf_vit = transformers.ViTModel(transformers.ViTConfig(**vit_cfg), add_pooling_layer=False)
+    hf_vit.load_state_dict(_timm_to_hf(state, 12))
+    hf_vit.save_pretrained(tmp_path / "hf_vit")
+    hf_deit = transformers.DeiTModel(transformers.DeiTConfig(**vit_cfg), add_pooling_layer=False)
+    deit_state = _timm_to_hf(state, 12)
+    pos = deit_state["embeddings.position_embeddings"]  # DeiT: [cls, distillation, patches]
+    deit_state["embeddings.position_embeddings"] = torch.cat([pos[:, :1], torch.randn_like(pos[:, :1]), pos[:, 1:]], 1)
+    deit_state["embeddings.distillation_token"] = torch.randn_like(pos[:, :1])
+    hf_deit.load_state_dict(deit_state)
+    hf_deit.save_pretrained(tmp_path / "hf_deit")
+
+    def vision(source: dict) -> dict:
+        cls, cfg = _cfg("dlip_caption", vision={"width": 192, "heads": 3},
+                        init={"vision": {"strategy": "pretrained", "layer_map": "uniform", **source}})
+        torch.manual_seed(0)
+        model = cls.from_config(cfg)
+        return {k: v for k, v in model.state_dict().items() if k.startswith("visual_encoder.")}, model.init_report
+
+    expected, report = vision({"source": str(tmp_path / "deit.pth"), "source_heads": 3})
+    assert len(report.loaded["vision"]) > 10
+    for source in ("timm:deit_tiny_patch16_224", f"hf:{tmp_path / 'hf_vit'}", f"hf:{tmp_path / 'hf_deit'}"):
+        got, report = vision({"source": source})
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), source
+        assert report.loaded["vision"], source
+
+    with pytest.raises(ConfigError, match="model.init.vision.source: timm could not load 'no_such_vit'"):
+        vision({"source": "timm:no_such_vit"})
+    with pytest.raises(ConfigError, match="model.init.vision.source: transformers could not read a config"):
+        vision({"source": f"hf:{tmp_path / 'nothing'}"})

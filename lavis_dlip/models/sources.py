@@ -9,6 +9,10 @@ its config, never guessed from tensor shapes.
 * a timm/DeiT ViT state dict (``pretrained`` vision): ``blocks.*`` ->
   ``visual_encoder.blocks.*``; its head count is ``source_heads`` (a state dict
   does not record it);
+* ``timm:<model name>``: a timm ViT with its pretrained weights through timm's own
+  loader (its URL, or the file in the torch hub cache), heads from the model;
+* ``hf:<Hub id or directory>``: a transformers ViT or DeiT (vision; its keys renamed to
+  timm's, DeiT's distillation token dropped) or BERT (text, decoder);
 * a Hugging Face BERT directory (``pretrained`` text or decoder): ``encoder.*`` ->
   ``text_encoder.encoder.*`` (or ``text_decoder.bert.*``); layout from its
   ``config.json``.
@@ -34,6 +38,21 @@ from lavis_dlip.blip.build import build_model
 from lavis_dlip.blip.layout import is_training_state
 
 TIMM_ONLY = ("head.", "head_dist.", "fc_norm.", "dist_token", "pre_logits.")
+TIMM, HF = "timm:", "hf:"  # named sources: a timm model, a Hugging Face Hub id or save_pretrained directory
+
+# transformers ViT/DeiT -> timm ViT key names (relative to the model; q, k, v are fused after)
+HF_VIT_KEYS = (
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+)
 
 
 @dataclass
@@ -104,17 +123,80 @@ def _preset_weights(model_cfg: Any) -> Optional[str]:
     return model_cfg.get("pretrained") if model_cfg.get("load_pretrained", True) else None
 
 
-def timm_vit(path: str, heads: Optional[int], where: str) -> Source:
-    """A timm/DeiT ViT state dict: classifier heads dropped, keys under ``visual_encoder.``."""
-    state = {f"visual_encoder.{k}": v for k, v in _state(checkpoint.read(path, where)).items()
-             if not k.startswith(TIMM_ONLY)}
-    if heads is None:
-        raise ConfigError(f"{where}: a timm/DeiT state dict does not record its attention heads; "
-                          f"set source_heads (DeiT-Ti 3, DeiT-S 6, DeiT-B 12)")
+def _vit(name: str, timm_state: Mapping[str, torch.Tensor], heads: int) -> Source:
+    """A ViT in timm's key names: classifier heads dropped, keys under ``visual_encoder.``."""
+    state = {f"visual_encoder.{k}": v for k, v in timm_state.items() if not k.startswith(TIMM_ONLY)}
     depth = len({m.group(1) for k in state if (m := re.match(r"visual_encoder\.blocks\.(\d+)\.", k))})
     lay = ModuleLayout("vision", "visual_encoder.", "blocks.{i}.", tuple(range(depth)), "all", "vision",
                        heads=int(heads))
-    return Source(path, state, fixed={"vision": lay})
+    return Source(name, state, fixed={"vision": lay})
+
+
+def timm_vit(path: str, heads: Optional[int], where: str) -> Source:
+    """A timm/DeiT ViT state dict file (path or URL)."""
+    if heads is None:
+        raise ConfigError(f"{where}: a timm/DeiT state dict does not record its attention heads; "
+                          f"set source_heads (DeiT-Ti 3, DeiT-S 6, DeiT-B 12)")
+    return _vit(path, _state(checkpoint.read(path, where)), heads)
+
+
+def timm_named(name: str, where: str) -> Source:
+    """``timm:<name>``: the model's pretrained weights through timm's loader (its URL, or
+    the file already in the torch hub cache), its head count from the model."""
+    import timm
+    import torch.hub
+
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as err:  # unknown name, no network and no cached file, a bad file
+        raise ConfigError(f"{where}: timm could not load '{name}' with its weights ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); offline, put its "
+                          f"file in {torch.hub.get_dir()}/checkpoints or give the file as source with "
+                          f"source_heads") from None
+    blocks = getattr(model, "blocks", None)
+    if not blocks or not hasattr(blocks[0], "attn"):
+        raise ConfigError(f"{where}: timm's '{name}' is not a ViT (no blocks with attention); name a ViT or DeiT")
+    return _vit(f"{TIMM}{name}", model.state_dict(), blocks[0].attn.num_heads)
+
+
+def hf_vit_state(hf_state: Mapping[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:
+    """A transformers ViT/DeiT state dict in timm's key names: q, k, v fused into ``qkv``,
+    DeiT's distillation token and its position dropped (BLIP's ViT has the class token only)."""
+    out, qkv = {}, {}
+    for key, value in hf_state.items():
+        for pattern, repl in HF_VIT_KEYS:
+            if re.match(pattern, key):
+                new = re.sub(pattern, repl, key)
+                m = re.match(r"blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$", new)
+                if m:
+                    qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+                else:
+                    out[new] = value
+                break
+    for (block, param), parts in qkv.items():
+        out[f"blocks.{block}.attn.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    if distilled:
+        out["pos_embed"] = torch.cat([out["pos_embed"][:, :1], out["pos_embed"][:, 2:]], dim=1)
+    return out
+
+
+def hf_named(source: str, module: str, where: str) -> Source:
+    """``hf:<Hub id or directory>``: a transformers ViT or DeiT (vision) or BERT (text, decoder)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as err:  # not on the Hub, offline without a cache, not a model directory
+        raise ConfigError(f"{where}: transformers could not read a config from '{source}' ({type(err).__name__}); "
+                          f"give a Hub id (online, or in the Hugging Face cache) or a save_pretrained directory"
+                          ) from None
+    if module != "vision":
+        return hf_bert(source, module, where)
+    if config.model_type not in ("vit", "deit"):
+        raise ConfigError(f"{where}: '{source}' is a transformers {config.model_type}; vision takes a ViT or DeiT")
+    model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+    state = hf_vit_state(model.state_dict(), distilled=config.model_type == "deit")
+    return _vit(f"{HF}{source}", state, config.num_attention_heads)
 
 
 def hf_bert(path: str, module: str, where: str) -> Source:
@@ -138,6 +220,12 @@ def pretrained(module: str, spec: Mapping[str, Any], where: str) -> Source:
     src = spec.get("source")
     if not src:
         raise ConfigError(f"{where}: strategy 'pretrained' needs {where}.source")
+    if str(src).startswith(TIMM):
+        if module != "vision":
+            raise ConfigError(f"{where}.source: {src}: a timm model is a vision source")
+        return timm_named(str(src)[len(TIMM):], f"{where}.source")
+    if str(src).startswith(HF):
+        return hf_named(str(src)[len(HF):], module, f"{where}.source")
     path = resolve_source(str(src))
     if os.path.isdir(path):
         if module == "vision":

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from lavis_dlip.config import load_config
 from lavis_dlip.blip.tokenizer import tokenizer_source
 from lavis_dlip.models.components import vision_config
+from lavis_dlip.models.sources import TIMM
 from lavis_dlip.testing.stand_ins import timm_vit_checkpoint
 
 RANDOM = ("distill.teacher.load_weights=False", "distill.teacher.checkpoint=null")
@@ -39,9 +40,10 @@ def random_init_options(cfg_path: str, options: Sequence[str] = (), workdir: Opt
     if OmegaConf.is_dict(init.get("teacher")):
         opts += ["model.init.teacher.load_weights=False", "model.init.teacher.checkpoint=null"]
     vision = init.get("vision")
-    if OmegaConf.is_dict(vision) and vision.get("strategy") == "pretrained" and "://" in str(vision.get("source")):
+    source = str(vision.get("source")) if OmegaConf.is_dict(vision) else ""
+    if vision is not None and vision.get("strategy") == "pretrained" and ("://" in source or source.startswith(TIMM)):
         v = vision_config(cfg.model_cfg)
-        heads = int(vision.get("source_heads") or v["heads"])
+        heads = int(vision.get("source_heads") or v["heads"])  # a timm model's heads: the student's
         name = f"vit_{v['width']}x{STAND_IN_DEPTH}_{heads}h_{v['image_size']}px_p{v['patch_size']}.pth"
         path = os.path.join(workdir or STAND_INS, name)
         if not os.path.isfile(path):
@@ -50,7 +52,7 @@ def random_init_options(cfg_path: str, options: Sequence[str] = (), workdir: Opt
                 part = timm_vit_checkpoint(os.path.join(tmp, name), v["width"], STAND_IN_DEPTH, heads,
                                            image_size=v["image_size"], patch_size=v["patch_size"])
                 os.replace(part, path)
-        opts.append(f"model.init.vision.source={path}")
+        opts += [f"model.init.vision.source={path}", f"model.init.vision.source_heads={heads}"]
     return opts
 
 
