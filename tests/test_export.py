@@ -305,3 +305,31 @@ def test_lavis_own_blip_exports_through_the_same_command(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["vision_config"]["num_hidden_layers"], config["vision_config"]["hidden_size"]) == (12, 768)
     assert (config["text_config"]["num_hidden_layers"], config["text_config"]["hidden_size"]) == (2, 768)
+
+
+@pytest.mark.parametrize("task", list(TASK_CFGS))
+def test_one_key_table_both_directions(task, tmp_path):
+    """LAVIS -> transformers -> LAVIS through blip/hf_keys.py: every weight back under its own
+    name, bitwise except the ViT's residual writers (x * c / c, c = sqrt(1e-5 / 1e-6): within
+    one float32 rounding); the LAVIS-only keys (momentum copies, queues, temperature) dropped."""
+    from lavis_dlip.blip.hf_keys import RESIDUAL_WRITERS, from_hf, residual_scale, to_hf
+    from lavis_dlip.blip.layout import is_training_state
+
+    _, ckpt = _checkpoint(TASK_CFGS[task], tmp_path / "model.pth")
+    state = torch.load(ckpt, weights_only=False)["model"]
+    hf, dropped, unknown = to_hf(state, 1e-6)
+    assert not unknown and dropped == [k for k in state if is_training_state(k) or k == "temp"]
+    assert bool(dropped) == (task == "retrieval")  # only BlipRetrieval trains with momentum copies and queues
+    assert any(k.startswith("vision_model.encoder.layers.1.self_attn.qkv.") for k in hf)
+    back, unknown = from_hf(hf, 1e-6)
+    assert not unknown and set(back) == set(state) - set(dropped)
+    scaled = [k for k in back if RESIDUAL_WRITERS.match(k.removeprefix("visual_encoder."))]
+    assert len(scaled) >= 3 + 2 * 2  # embeddings, and each block's two output projections
+    for key, value in back.items():
+        if key in scaled:
+            assert torch.allclose(value, state[key], rtol=2 ** -23, atol=0), key
+        else:
+            assert torch.equal(value, state[key]), key
+    # the scale is applied, not skipped: the exported residual writers are c times LAVIS's
+    c = residual_scale(1e-6)
+    assert torch.allclose(hf["vision_model.embeddings.class_embedding"], state["visual_encoder.cls_token"] * c)

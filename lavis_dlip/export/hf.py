@@ -3,13 +3,11 @@ classes: ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration`` and
 ``BlipForQuestionAnswering``, with a ``BlipProcessor`` beside the weights.
 
 The config is read from the model's own modules (the ViT's blocks, the BERTs'
-``BertConfig``), never guessed from tensors. The weights go through one filter
-(``hf_state``): LAVIS's ViT keys are renamed to transformers' ``vision_model.*``
-(its residual stream rescaled so that transformers' LayerNorm eps computes BLIP's);
-the BERT keys (LAVIS's ``med.py``, which transformers' BLIP text model was ported
-from) keep their names; momentum copies and queues are dropped, as is the ITC
-temperature (transformers' retrieval class returns plain cosine similarity); any
-other key the filter does not place fails the export, naming it.
+``BertConfig``), never guessed from tensors. The weights go through the key table of
+``blip/hf_keys.py`` (``hf_state``): LAVIS's ViT keys renamed to transformers'
+``vision_model.*``, its residual stream rescaled so that transformers' LayerNorm eps
+computes BLIP's; the BERT keys keep their names; momentum copies, queues and the ITC
+temperature are dropped; any other key the table does not place fails the export, naming it.
 
 What transformers cannot express is refused with the reason: an ALBEF-style split
 text encoder (``model.text.fusion_layers``), and a VQA model whose answer decoder
@@ -25,7 +23,6 @@ given, so set ``input_ids[:, 0] = processor.tokenizer.enc_token_id`` (saved as
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +30,10 @@ import torch
 from torch import nn
 
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.blip.layout import is_training_state
+from lavis_dlip.blip.hf_keys import HF_VISION_EPS, to_hf
 
 HF_CLASSES = {"retrieval": "BlipForImageTextRetrieval", "caption": "BlipForConditionalGeneration",
               "vqa": "BlipForQuestionAnswering"}
-# LAVIS ViT key -> transformers BlipVisionModel key (relative to visual_encoder. / vision_model.)
-VISION_RENAMES = (
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-    (r"^blocks\.(\d+)\.mlp\.(fc[12])\.", r"encoder.layers.\1.mlp.\2."),
-    (r"^norm\.", "post_layernorm."),
-)
-# transformers 4.26's BlipVisionModel builds every LayerNorm with torch's default eps, whatever
-# its config says (modeling_blip.py:377-379, 668); BLIP's ViT uses 1e-6. The export keeps the
-# function exact anyway: the ViT's residual stream is written scaled by c = sqrt(1e-5 / 1e-6)
-# (embeddings and each block's output projections), which LayerNorm(c x; eps) turns into
-# LayerNorm(x; eps / c^2): the original eps, and outputs (after the final LayerNorm) unchanged.
-# The config says 1e-5 too, so a transformers that reads it computes the same.
-HF_VISION_EPS = 1e-5
-# the ViT tensors that write its residual stream (relative to visual_encoder.)
-RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
-# modules kept under the same name (BERT bodies and heads)
-SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
 
 
 def task_of(model: nn.Module) -> str:
@@ -137,28 +111,10 @@ def blip_config(model: nn.Module, task: str):
 
 
 def hf_state(state: dict[str, torch.Tensor], eps: float) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """LAVIS BLIP keys -> transformers BLIP keys; (mapped state, dropped keys). ``eps``:
-    the ViT's LayerNorm eps, kept exact under transformers' ``HF_VISION_EPS`` by scaling
-    the residual stream (see ``RESIDUAL_WRITERS``). A key that is neither mapped nor a
-    known training-only key fails the export."""
-    scale = (HF_VISION_EPS / eps) ** 0.5
-    out, dropped, unknown = {}, [], []
-    for key, value in state.items():
-        if is_training_state(key) or key == "temp":  # momentum copies, ITC queues and temperature
-            dropped.append(key)
-        elif key.startswith("visual_encoder."):
-            rel = key[len("visual_encoder."):]
-            for pattern, repl in VISION_RENAMES:
-                if re.match(pattern, rel):
-                    out["vision_model." + re.sub(pattern, repl, rel)] = (
-                        value * scale if RESIDUAL_WRITERS.match(rel) else value)
-                    break
-            else:
-                unknown.append(key)
-        elif key.startswith(SAME_NAME):
-            out[key] = value
-        else:
-            unknown.append(key)
+    """LAVIS BLIP keys -> transformers BLIP keys (``blip/hf_keys.py``); (mapped state, dropped
+    keys). ``eps``: the ViT's LayerNorm eps. A key that is neither mapped nor a known
+    LAVIS-only key fails the export."""
+    out, dropped, unknown = to_hf(state, eps)
     if unknown:
         raise ConfigError(f"export to transformers: {len(unknown)} weights have no place in transformers' BLIP, "
                           f"e.g. '{unknown[0]}'")

@@ -1,0 +1,102 @@
+"""BLIP's weights in LAVIS's key names and in transformers' BLIP classes: one table, both
+directions (``to_hf`` for the exporter, ``from_hf`` for a transformers BLIP read into
+LAVIS's layout).
+
+The ViT's keys are renamed (``visual_encoder.*`` <-> ``vision_model.*``, ``VISION_KEYS``);
+the BERT bodies and heads keep their names (transformers' BLIP text model was ported from
+LAVIS's ``med.py``); momentum copies, ITC queues and the ITC temperature exist in LAVIS only.
+
+transformers 4.26's BlipVisionModel builds every LayerNorm with torch's default eps, whatever
+its config says (modeling_blip.py:377-379, 668); BLIP's ViT uses 1e-6. ``to_hf`` keeps the
+function exact anyway: the ViT's residual stream is written scaled by c = sqrt(1e-5 / eps)
+(embeddings and each block's output projections, ``RESIDUAL_WRITERS``), which
+LayerNorm(c x; 1e-5) turns into LayerNorm(x; eps); ``from_hf`` divides by c, so a
+transformers BLIP computes in LAVIS what it computes in transformers. The round trip is
+exact up to float rounding of those tensors: x * c / c differs from x in the last bit for
+about 14% of float32 values.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+import torch
+
+from lavis_dlip.blip.layout import is_training_state
+
+# LAVIS ViT key (under visual_encoder.) <-> transformers BlipVisionModel key (under vision_model.); {i}: a block
+VISION_KEYS = (
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("blocks.{i}.norm1.", "encoder.layers.{i}.layer_norm1."),
+    ("blocks.{i}.norm2.", "encoder.layers.{i}.layer_norm2."),
+    ("blocks.{i}.attn.qkv.", "encoder.layers.{i}.self_attn.qkv."),
+    ("blocks.{i}.attn.proj.", "encoder.layers.{i}.self_attn.projection."),
+    ("blocks.{i}.mlp.fc1.", "encoder.layers.{i}.mlp.fc1."),
+    ("blocks.{i}.mlp.fc2.", "encoder.layers.{i}.mlp.fc2."),
+    ("norm.", "post_layernorm."),
+)
+LAVIS_VISION, HF_VISION = "visual_encoder.", "vision_model."
+HF_VISION_EPS = 1e-5  # what transformers' BlipVisionModel computes with
+# the ViT tensors that write its residual stream (LAVIS names, relative to visual_encoder.)
+RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
+# modules under the same name in both (BERT bodies and heads)
+SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
+LAVIS_ONLY = ("temp",)  # the ITC temperature: transformers' retrieval class returns plain cosine similarity
+
+
+def _rename(rel: str, to_hf: bool) -> Optional[str]:
+    """A ViT key relative to its module, in the other library's names (None: not in the table)."""
+    for lavis, hf in VISION_KEYS:
+        src, dst = (lavis, hf) if to_hf else (hf, lavis)
+        m = re.match(re.escape(src).replace(re.escape("{i}"), r"(\d+)"), rel)
+        if m and (src.endswith(".") or m.end() == len(rel)):
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + rel[m.end():]
+    return None
+
+
+def residual_scale(eps: float) -> float:
+    """c with LayerNorm(c x; HF_VISION_EPS) == LayerNorm(x; eps)."""
+    return (HF_VISION_EPS / eps) ** 0.5
+
+
+def to_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """LAVIS keys -> transformers keys: (mapped state, dropped LAVIS-only keys, keys with no place)."""
+    scale = residual_scale(eps)
+    out, dropped, unknown = {}, [], []
+    for key, value in state.items():
+        if is_training_state(key) or key in LAVIS_ONLY:  # momentum copies, ITC queues and temperature
+            dropped.append(key)
+        elif key.startswith(LAVIS_VISION):
+            rel = key[len(LAVIS_VISION):]
+            new = _rename(rel, to_hf=True)
+            if new is None:
+                unknown.append(key)
+            else:
+                out[HF_VISION + new] = value * scale if RESIDUAL_WRITERS.match(rel) else value
+        elif key.startswith(SAME_NAME):
+            out[key] = value
+        else:
+            unknown.append(key)
+    return out, dropped, unknown
+
+
+def from_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers keys -> LAVIS keys (the ViT's residual stream divided by ``residual_scale``):
+    (mapped state, keys with no place in LAVIS's layout)."""
+    scale = residual_scale(eps)
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(HF_VISION):
+            rel = _rename(key[len(HF_VISION):], to_hf=False)
+            if rel is None:
+                unknown.append(key)
+            else:
+                out[LAVIS_VISION + rel] = value / scale if RESIDUAL_WRITERS.match(rel) else value
+        elif key.startswith(SAME_NAME):
+            out[key] = value
+        else:
+            unknown.append(key)
+    return out, unknown
