@@ -19,6 +19,7 @@ from lavis_dlip import checkpoint, run_yaml, schema
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
 from lavis_dlip.datasets.builders import LocalBuilder
+from lavis_dlip.blip.hf_import import is_hf
 from lavis_dlip.blip.teacher import teacher_model_config
 from lavis_dlip.models import sources
 from lavis_dlip.models.init import parse_init
@@ -151,7 +152,8 @@ def _check_model(cfg, evaluate: bool) -> None:
     if resume and not evaluate:
         files.append((resume, "run.resume_ckpt_path"))
     for path, key in files:
-        checkpoint.check_exists(str(path), key)
+        if not is_hf(path):  # a transformers BLIP: read (and checked) when the teacher is built
+            checkpoint.check_exists(str(path), key)
     for source, key in tokenizers:
         if source:
             _check_tokenizer(str(source), key)

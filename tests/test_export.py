@@ -321,7 +321,7 @@ def test_one_key_table_both_directions(task, tmp_path):
     assert not unknown and dropped == [k for k in state if is_training_state(k) or k == "temp"]
     assert bool(dropped) == (task == "retrieval")  # only BlipRetrieval trains with momentum copies and queues
     assert any(k.startswith("vision_model.encoder.layers.1.self_attn.qkv.") for k in hf)
-    back, unknown = from_hf(hf, 1e-6)
+    back, unknown = from_hf(hf, residual_scale(1e-6))
     assert not unknown and set(back) == set(state) - set(dropped)
     scaled = [k for k in back if RESIDUAL_WRITERS.match(k.removeprefix("visual_encoder."))]
     assert len(scaled) >= 3 + 2 * 2  # embeddings, and each block's two output projections

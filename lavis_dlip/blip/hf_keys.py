@@ -10,10 +10,9 @@ transformers 4.26's BlipVisionModel builds every LayerNorm with torch's default 
 its config says (modeling_blip.py:377-379, 668); BLIP's ViT uses 1e-6. ``to_hf`` keeps the
 function exact anyway: the ViT's residual stream is written scaled by c = sqrt(1e-5 / eps)
 (embeddings and each block's output projections, ``RESIDUAL_WRITERS``), which
-LayerNorm(c x; 1e-5) turns into LayerNorm(x; eps); ``from_hf`` divides by c, so a
-transformers BLIP computes in LAVIS what it computes in transformers. The round trip is
-exact up to float rounding of those tensors: x * c / c differs from x in the last bit for
-about 14% of float32 values.
+LayerNorm(c x; 1e-5) turns into LayerNorm(x; eps), and records c in the config
+(``EXPORT_KEY``); ``from_hf`` divides by it. The round trip is exact up to float rounding
+of those tensors: x * c / c differs from x in the last bit for about 14% of float32 values.
 """
 
 from __future__ import annotations
@@ -44,7 +43,9 @@ HF_VISION_EPS = 1e-5  # what transformers' BlipVisionModel computes with
 RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
 # modules under the same name in both (BERT bodies and heads)
 SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
-LAVIS_ONLY = ("temp",)  # the ITC temperature: transformers' retrieval class returns plain cosine similarity
+LAVIS_ONLY = ("temp",)
+# in the exported config.json: {"vision_scale": c, "vision_layer_norm_eps": BLIP's eps}
+EXPORT_KEY = "lavis_dlip"  # the ITC temperature: transformers' retrieval class returns plain cosine similarity
 
 
 def _rename(rel: str, to_hf: bool) -> Optional[str]:
@@ -83,10 +84,10 @@ def to_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, torc
     return out, dropped, unknown
 
 
-def from_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """transformers keys -> LAVIS keys (the ViT's residual stream divided by ``residual_scale``):
-    (mapped state, keys with no place in LAVIS's layout)."""
-    scale = residual_scale(eps)
+def from_hf(state: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers keys -> LAVIS keys, the ViT's residual stream divided by ``scale`` (the
+    exporter's ``residual_scale``; 1 for a model it did not write): (mapped state, keys with
+    no place in LAVIS's layout)."""
     out, unknown = {}, []
     for key, value in state.items():
         if key.startswith(HF_VISION):
@@ -94,7 +95,7 @@ def from_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, to
             if rel is None:
                 unknown.append(key)
             else:
-                out[LAVIS_VISION + rel] = value / scale if RESIDUAL_WRITERS.match(rel) else value
+                out[LAVIS_VISION + rel] = value / scale if scale != 1.0 and RESIDUAL_WRITERS.match(rel) else value
         elif key.startswith(SAME_NAME):
             out[key] = value
         else:

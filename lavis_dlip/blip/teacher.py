@@ -7,7 +7,9 @@
 * ``cfg_path``: instead, take the ``model`` section of a run yaml (a teacher trained
   with this project), relative to the distillation yaml;
 * ``overrides``: model-config keys merged on top (e.g. ``{image_size: 224}``);
-* ``checkpoint``: weights to load (path or URL); replaces the model type's own;
+* ``checkpoint``: weights to load (path or URL); replaces the model type's own; or
+  ``hf:<Hub id or directory>``, a transformers BLIP, which is also the teacher's model
+  when neither ``arch`` nor ``cfg_path`` is given (``hf_import.py``);
 * ``load_weights``: ``False`` builds the teacher with random weights (dry runs, tests).
 
 A run names its teacher's checkpoint twice (``model.init.teacher`` to inherit from it,
@@ -26,6 +28,7 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from lavis_dlip import checkpoint
+from lavis_dlip.blip import hf_import
 from lavis_dlip.blip.build import model_config
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.paths import is_url, local_path
@@ -44,6 +47,8 @@ def teacher_model_config(cfg: Mapping[str, Any], base_dir: str = ".", where: str
         model_cfg = OmegaConf.load(path).get("model")
         if model_cfg is None:
             raise ConfigError(f"{where}.cfg_path: {path} has no 'model' section")
+    elif hf_import.is_hf(cfg.get("checkpoint")) and not cfg.get("arch"):
+        model_cfg = hf_import.model_config(cfg["checkpoint"], f"{where}.checkpoint")
     else:
         model_cfg = OmegaConf.create({k: cfg.get(k) for k in ("arch", "model_type")})
     merged = model_config(model_cfg.get("arch"), model_cfg.get("model_type"), where=where)
@@ -64,7 +69,10 @@ def _stat_key(path: str) -> tuple:
 
 def read_weights(source: str, key: str) -> Any:
     """The checkpoint ``source`` (path or URL) as ``torch.load`` gives it, read once per
-    process: a second caller (the init, then the distillation teacher) gets the same object."""
+    process: a second caller (the init, then the distillation teacher) gets the same object;
+    ``hf:...``: a transformers BLIP in LAVIS's layout, as this project saves checkpoints."""
+    if hf_import.is_hf(source):
+        return hf_import.checkpoint(str(source), key)
     path = _local(source, key)
     memo = _stat_key(path)
     if memo not in _READ:
@@ -76,6 +84,8 @@ def read_weights(source: str, key: str) -> Any:
 
 def weights_identity(source: str) -> str:
     """``sha256:<hex>`` of a local checkpoint (from the read if there was one), else the URL."""
+    if hf_import.is_hf(source):
+        return hf_import.identity(str(source))
     if is_url(str(source)):
         return str(source)
     path = local_path(str(source))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.blip.hf_keys import HF_VISION_EPS, to_hf
+from lavis_dlip.blip.hf_keys import EXPORT_KEY, HF_VISION_EPS, residual_scale, to_hf
 
 HF_CLASSES = {"retrieval": "BlipForImageTextRetrieval", "caption": "BlipForConditionalGeneration",
               "vqa": "BlipForQuestionAnswering"}
@@ -141,8 +141,10 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
 
     task = task_of(model)
     config = blip_config(model, task)
+    eps = vision_eps(model)
+    setattr(config, EXPORT_KEY, {"vision_scale": residual_scale(eps), "vision_layer_norm_eps": eps})  # for import
     hf_model = getattr(transformers, HF_CLASSES[task])(config).eval()
-    state, dropped = hf_state(model.state_dict(), vision_eps(model))
+    state, dropped = hf_state(model.state_dict(), eps)
     expected = hf_model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     extra = [k for k in state if k not in expected]

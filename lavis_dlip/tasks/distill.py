@@ -29,6 +29,7 @@ import os
 from typing import Optional
 
 from lavis.common.registry import registry
+from lavis.processors.blip_processors import BlipImageBaseProcessor
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.retrieval import RetrievalTask
 from lavis.tasks.vqa import VQATask
@@ -45,6 +46,7 @@ from lavis_dlip.tasks.captioning import DlipCaptionTask
 from lavis_dlip.tasks.items import ItemScoresMixin
 from lavis_dlip.tasks.loop import TrainLoop
 from lavis_dlip.distill import validate_terms
+from lavis_dlip.blip import hf_import
 from lavis_dlip.blip.teacher import teacher_model_config
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,8 @@ class DistillTaskMixin:
         self.teacher = load_teacher(distill.teacher, base_dir=base_dir,
                                     shape_only=not online or (cached and not BUILDING.get()))
         check_compatible(model, self.teacher.model)
+        if hf_import.is_hf(distill.teacher.get("checkpoint")):
+            _check_hf_inputs(cfg, model, str(distill.teacher.checkpoint))
         setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model),
                                             balance=str(distill.get("balance") or "none")))
         if cached and not BUILDING.get():
@@ -147,6 +151,16 @@ class DistillTaskMixin:
     def train_step(self, model, samples):
         student = getattr(model, "module", model)  # DDP wraps it
         return getattr(student, ATTRIBUTE).step(model, student, self.teacher, samples, cache=self.cache)
+
+
+def _check_hf_inputs(cfg, student, source: str) -> None:
+    """A transformers teacher's processor and tokenizer against the student's data and tokenizer."""
+    default = BlipImageBaseProcessor()  # LAVIS's mean and std, where a processor names none
+    for ds in cfg.datasets_cfg.values():
+        proc = (ds.get("vis_processor") or {}).get("train") or {}
+        mean = proc.get("mean") or list(default.normalize.mean)
+        std = proc.get("std") or list(default.normalize.std)
+        hf_import.check_inputs(source, int(proc.get("image_size", 384)), mean, std, student.tokenizer)
 
 
 @registry.register_task("dlip_distill_pretrain")
