@@ -23,7 +23,8 @@ LAYERS = [
     ["lavis_dlip.tasks", "lavis_dlip.runners"],
     ["lavis_dlip.registration", "lavis_dlip.config", "lavis_dlip.cli", "lavis_dlip.report", "lavis_dlip.stages",
      "lavis_dlip.kept", "lavis_dlip.export", "lavis_dlip.serve"],
-    ["lavis_dlip.train", "lavis_dlip.evaluate", "lavis_dlip.cache_teacher", "lavis_dlip.demo", "lavis_dlip.study"],
+    ["lavis_dlip.train", "lavis_dlip.evaluate", "lavis_dlip.cache_teacher", "lavis_dlip.demo", "lavis_dlip.study",
+     "lavis_dlip.shards"],
     ["lavis_dlip.testing"],  # fixtures for tests and benchmarks: nothing in the library imports them
 ]
 # imports inside a function, and why (none to dodge a cycle)
