@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from lavis_dlip import checkpoint, run_yaml, schema
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.blip.tokenizer import TokenizerNotFoundError, init_blip_tokenizer, is_local
-from lavis_dlip.datasets.builders import LocalBuilder
+from lavis_dlip.datasets.builders import PLUGIN_BUILDERS
 from lavis_dlip.blip.hf_import import is_hf
 from lavis_dlip.blip.teacher import teacher_model_config
 from lavis_dlip.models import sources
@@ -119,7 +119,7 @@ def _check_datasets(cfg) -> None:
     for name, ds in cfg.datasets_cfg.items():
         builder = registry.get_builder_class(name)
         default = OmegaConf.load(builder.default_config_path(type=ds.get("type", "default")))
-        schema.check_dataset(name, ds, issubclass(builder, LocalBuilder),
+        schema.check_dataset(name, ds, issubclass(builder, PLUGIN_BUILDERS),
                              list(default.datasets.get(name) or {}), processors)
 
 
@@ -234,7 +234,7 @@ def load_config(cfg_path: str, options: Optional[Sequence[str]] = None, evaluate
 
     for name in cfg.datasets_cfg:
         ds = cfg.datasets_cfg[name]
-        if ds.get("base_dir") is None and issubclass(registry.get_builder_class(name), LocalBuilder):
+        if ds.get("base_dir") is None and issubclass(registry.get_builder_class(name), PLUGIN_BUILDERS):
             ds.base_dir = base_dir
     validate_merged(cfg, cfg_path, evaluate=evaluate)
     return cfg

@@ -94,6 +94,7 @@ RUN_KEYS: dict[str, Key] = {
     "batch_size_train": POSITIVE_INT, "batch_size_eval": POSITIVE_INT, "num_workers": COUNT,
     "train_splits": Key("list"), "valid_splits": Key("list"), "test_splits": Key("list"),
     "train_dataset_ratios": Key("map"), "use_dist_eval_sampler": FLAG,
+    "train_num_samples": POSITIVE_INT,  # runner_dlip: an epoch of a streamed train split (datasets/stream.py)
     # processes
     "distributed": FLAG, "world_size": POSITIVE_INT, "dist_url": NAME, "dist_backend": NAME,
     "dist_timeout_min": POSITIVE_INT, "gpu": COUNT, "rank": COUNT, "find_unused_parameters": FLAG,
@@ -112,7 +113,7 @@ RUN_KEYS: dict[str, Key] = {
 
 # LAVIS's BaseDatasetBuilder config keys; a builder's own yaml may add more.
 DATASET_KEYS = ("data_type", "build_info", "vis_processor", "text_processor", "dataset_card", "type")
-# Only the plugin's dlip_local_* builders read these.
+# Only the plugin's builders (dlip_local_*, dlip_wds_pairs) read these.
 LOCAL_DATASET_KEYS: dict[str, Key] = {
     "base_dir": NAME,
     "verify_images": Key("str", choices=("none", "exists", "header", "full")),
@@ -161,7 +162,7 @@ def check_run(run: Mapping[str, Any]) -> None:
 def check_dataset(name: str, cfg: Mapping[str, Any], local: bool, builder_keys: Sequence[str],
                   processors: Sequence[str]) -> None:
     """Keys of ``datasets.<name>`` (after merging the builder's defaults) and the
-    processors it names; ``local``: a dlip_local_* builder."""
+    processors it names; ``local``: one of the plugin's builders."""
     where = f"datasets.{name}"
     extra = tuple(LOCAL_DATASET_KEYS) if local else ()
     check_keys(cfg, sorted(set(DATASET_KEYS + extra + tuple(builder_keys))), where)

@@ -30,6 +30,7 @@ from lavis.datasets.datasets.image_text_pair_datasets import ImageTextPairDatase
 from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, RetrievalEvalDataset
 
 from lavis_dlip.datasets import validate as V
+from lavis_dlip.datasets.stream import ShardStream, Source, shard_list
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +169,45 @@ class LocalVQABuilder(LocalBuilder):
                 )
             V.check_vqa_eval(ann_paths, V.load_json(ann_paths[0], ann_paths[0]))
 
+
+
+@registry.register_builder("dlip_wds_pairs")
+class ShardPairsBuilder(BaseDatasetBuilder):
+    """Image-text pairs streamed from webdataset shards (train only; ``datasets/stream.py``):
+    ``build_info.sources: [{shards: DIR | PATTERN | [files], weight: 1.0}, ...]``, relative
+    paths against the run yaml (``base_dir``). An epoch is ``run.train_num_samples`` samples."""
+
+    name = "dlip_wds_pairs"
+
+    @classmethod
+    def default_config_path(cls, type="default"):
+        return os.path.join(CONFIG_DIR, f"{cls.name}.yaml")
+
+    def _download_data(self):
+        """Nothing to download: the shards are local."""
+
+    def build(self):
+        self.build_processors()
+        where = f"datasets.{self.name}.build_info.sources"
+        specs = (self.config.get("build_info") or {}).get("sources")
+        if not specs:
+            raise V.DataError(f"missing key '{where}' (a list of {{shards, weight}})")
+        base = self.config.get("base_dir") or os.getcwd()
+        sources = []
+        for n, spec in enumerate(specs):
+            if spec.get("shards") is None:
+                raise V.DataError(f"missing key '{where}[{n}].shards'")
+            shards = spec.shards
+            if isinstance(shards, str) and not os.path.isabs(os.path.expanduser(shards)):
+                shards = os.path.join(base, shards)
+            elif not isinstance(shards, str):
+                shards = [s if os.path.isabs(s) else os.path.join(base, s) for s in map(str, shards)]
+            weight = float(spec.get("weight", 1.0))
+            if weight <= 0:
+                raise V.DataError(f"{where}[{n}].weight must be > 0, got {weight}")
+            sources.append(Source(shard_list(shards, f"{where}[{n}].shards"), weight))
+        return {"train": ShardStream(sources, self.vis_processors["train"], self.text_processors["train"])}
+
+
+# the plugin's builders: paths relative to the run yaml (base_dir)
+PLUGIN_BUILDERS = (LocalBuilder, ShardPairsBuilder)

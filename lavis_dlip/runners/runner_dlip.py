@@ -49,11 +49,12 @@ from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, IterableDataset
 
 from lavis_dlip import checkpoint as ckpt
 from lavis_dlip import compat
 from lavis_dlip.errors import CheckpointError, ConfigError, RunStopped
+from lavis_dlip.datasets.stream import ShardStream
 from lavis_dlip.models.base import fitting_state
 from lavis_dlip.process import barrier, keep_freed_memory, resolve_device
 from lavis_dlip.runs import claim_job_dir
@@ -174,11 +175,16 @@ class RunnerDlip(RunnerBase):
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         loaders = []
         for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, ChainDataset) and len(dataset.datasets) == 1:  # LAVIS chains webdataset pipelines
+                dataset = dataset.datasets[0]
+            if isinstance(dataset, ShardStream):
+                loaders.append(self._stream_loader(dataset, bsz, num_workers, is_train, collate_fn))
+                continue
             if isinstance(dataset, (list, tuple)) or isinstance(dataset, IterableDataset):
                 raise ConfigError(
-                    "runner_dlip supports map-style datasets (all LAVIS image builders); "
-                    "for webdataset or mixed pipelines use run.runner: runner_base or runner_iter"
-                )
+                    "runner_dlip streams the dlip_wds_pairs builder's shards and reads map-style datasets (all "
+                    "LAVIS image builders), not both at once nor other pipelines; for those use run.runner: "
+                    "runner_base or runner_iter")
             sampler = None
             if is_train:
                 # A sampler whose order is a function of (seed, epoch) alone, in 1 or N processes.
@@ -202,6 +208,20 @@ class RunnerDlip(RunnerBase):
                 )
             )
         return loaders
+
+    def _stream_loader(self, dataset, batch_size, num_workers, is_train, collate_fn) -> DataLoader:
+        """A streamed train split: an epoch is ``run.train_num_samples`` samples, shared by the processes."""
+        run_cfg = self.config.run_cfg
+        total = run_cfg.get("train_num_samples")
+        if not is_train:
+            raise ConfigError("dlip_wds_pairs streams a train split; evaluate on a map-style builder's split")
+        if not total or int(total) < batch_size * get_world_size():
+            raise ConfigError(f"run.train_num_samples: a streamed train split (dlip_wds_pairs) needs the samples an "
+                              f"epoch has, at least run.batch_size_train x processes ({batch_size} x "
+                              f"{get_world_size()}); got {total}")
+        dataset.configure(int(run_cfg.get("seed", 42)), int(total) // get_world_size(), get_rank(), get_world_size())
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False)
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -267,8 +287,9 @@ class RunnerDlip(RunnerBase):
     def _start_epoch(self, epoch: int) -> None:
         """The train order and augmentations of ``epoch``: functions of ``(run.seed, epoch)``."""
         loader = self.train_loader
-        loader.sampler.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):  # the teacher cache's augmentation replay
+        if hasattr(loader.sampler, "set_epoch"):  # a stream has no sampler: its dataset deals the shards
+            loader.sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # the teacher cache's augmentation replay, a stream's shards
             loader.dataset.set_epoch(epoch)
         self._train_generator.manual_seed(int(self.config.run_cfg.get("seed", 42)) * 1000 + epoch)
 

@@ -75,7 +75,10 @@ class TrainLoop:
         bar = tqdm(total=n, desc=f"train epoch {epoch}", dynamic_ncols=True, mininterval=1.0,
                    disable=not (bool(run_cfg.get("progress", True)) and is_main_process()))
         optimizer.zero_grad(set_to_none=True)
+        skipped = 0
         for i, samples in enumerate(data_loader):
+            if "n_skipped" in samples:  # a stream's samples that did not decode (datasets/stream.py)
+                skipped += int(samples.pop("n_skipped").sum())
             samples = apply_to_sample(lambda t: t.to(device, non_blocking=True), samples)
             samples.update({"epoch": epoch, "num_iters_per_epoch": n, "iters": i})
             lr_scheduler.step(cur_epoch=epoch, cur_step=i)
@@ -113,6 +116,8 @@ class TrainLoop:
         averages = _average_across_processes(sums, n, device)
         averages["lr"] = _lr(optimizer)
         averages["samples_per_s"] = seen * get_world_size() / max(time.time() - start, 1e-9)
+        if skipped or hasattr(data_loader.dataset, "configure"):  # a stream: its skipped samples, this process's
+            averages["skipped_samples"] = float(skipped)
         logger.info("epoch %d: %s", epoch, averages)
         return {k: f"{v:.4f}" for k, v in averages.items()}
 
