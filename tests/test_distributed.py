@@ -42,6 +42,23 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_test_data):
     assert any("train_loss_itc" in line for line in log) and any("test_agg_metrics" in line for line in log)
 
 
+def test_torchrun_streams_shards_in_two_processes(tmp_path, demo_smoke_data):
+    """dlip_wds_pairs under 2 processes: an epoch of run.train_num_samples shared by the ranks."""
+    from lavis_dlip.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(str(CONFIGS / "retrieval.yaml"), str(shards), samples_per_shard=20, options=[SMOKE_RETRIEVAL])
+    sources = f"datasets.dlip_wds_pairs.build_info.sources=[{{shards: '{shards}'}}]"
+    _torchrun(["-m", "lavis_dlip.train", "--cfg-path", str(CONFIGS / "stream_retrieval.yaml"), "--options",
+               sources, f"run.output_dir={tmp_path}/out"], tmp_path)
+    (job,) = output_dirs(tmp_path / "out")
+    log = _log(job)
+    assert {"run_world_size": 2, "run_device": "cpu"} in log
+    assert len([line for line in log if "train_skipped_samples" in line]) == 2  # two epochs, nothing skipped
+    assert all(float(line["train_skipped_samples"]) == 0 for line in log if "train_skipped_samples" in line)
+    assert "txt_r1" in read_metrics(job)["test"]
+
+
 def _teacher_checkpoint(cfg, path) -> str:
     """The config's teacher with random weights, saved once, so that both ranks load the same teacher."""
     from omegaconf import OmegaConf
