@@ -147,3 +147,41 @@ def _same_as_one_process(cfg, options, ddp_job, ddp_student, tmp_path) -> None:
     one_log = [line for line in _log(output_dirs(tmp_path / "one")[0]) if "train_loss" in line][0]
     for key in ("train_loss_hidden_vision", "train_loss_attention_vision", "train_loss_itm_kd", "train_loss_embed"):
         assert float(one_log[key]) == pytest.approx(float(ddp_log[key]), rel=1e-4), key
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, demo_test_data):
+    """run.accum_grad_iters=2 over batches of 8 steps with the gradient one batch of 16 gives, for
+    the per-sample terms (from a teacher-output cache). Compared at the first optimizer step:
+    after it, AdamW's normalised update turns float-rounding differences in near-zero gradients
+    into whole steps of the learning rate, so the weights drift apart by the order of the lr."""
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.cli import build_runner
+    from lavis_dlip.config import load_config
+
+    cfg = CONFIGS / "distill_retrieval.yaml"
+    teacher = _teacher_checkpoint(cfg, tmp_path / "teacher.pth")
+    options = ["run.max_epoch=1", "run.valid_splits=[]", "run.test_splits=[]", "run.warmup_steps=0",
+               f"distill.teacher.checkpoint={teacher}", PER_SAMPLE, "model.text.dropout=0.0",
+               f"distill.cache={tmp_path / 'cache'}", SMOKE_RETRIEVAL]
+    build_cache(str(cfg), options)
+    first = {}
+    for name, extra in {"accumulated": ["run.batch_size_train=8", "run.accum_grad_iters=2"],
+                        "one batch": ["run.batch_size_train=16"]}.items():
+        runner = build_runner(load_config(str(cfg), [*options, *extra, f"run.output_dir={tmp_path}/{name}"]))
+        params = [p for group in runner.optimizer.param_groups for p in group["params"]]
+        step, steps = runner.optimizer.step, []
+
+        def counted(*args, _step=step, _steps=steps, _name=name, _params=params, **kwargs):
+            if not _steps:
+                first[_name] = [None if p.grad is None else p.grad.clone() for p in _params]
+            _steps.append(1)
+            return _step(*args, **kwargs)
+
+        runner.optimizer.step = counted
+        runner.train()
+        assert len(steps) == 128 // 16  # one optimizer step per 16 samples in both
+    a, b = first["accumulated"], first["one batch"]
+    assert [g is None for g in a] == [g is None for g in b] and sum(g is not None for g in a) > 10
+    scale = max(float(g.abs().max()) for g in b if g is not None)
+    worst = max(float((x - y).abs().max()) for x, y in zip(a, b) if x is not None)
+    assert worst < 1e-5 * scale, (worst, scale)
