@@ -47,7 +47,9 @@ def synthetic_split(root: Path, n: int, size=(480, 360), seed: int = 0) -> Path:
             "text_processor": {"train": {"name": "blip_caption"}},
             "build_info": {"images": {"storage": str(root / "images")},
                            "annotations": {"train": {"storage": str(root / "train.json")}}}}},
-        "run": {"task": "image_text_pretrain", "runner": "runner_dlip", "output_dir": str(root / "out")}}))
+        "run": {"task": "image_text_pretrain", "runner": "runner_dlip", "output_dir": str(root / "out"),
+                "lr_sched": "linear_warmup_cosine_lr", "init_lr": 1e-4, "min_lr": 1e-5, "max_epoch": 1,
+                "batch_size_train": 32, "batch_size_eval": 32}}))
     return cfg
 
 
