@@ -11,7 +11,8 @@ teacher, the init and the cache key read it as they read any other.
 transformers computes the ViT's LayerNorms with eps 1e-5: the imported ViT does too
 (``model.vision.layer_norm_eps``), with the weights as they are, unless the model was
 written by this project's exporter, whose config records the scale it applied and BLIP's
-eps (``hf_keys.EXPORT_KEY``): that scale is undone and that eps kept.
+eps (``hf_keys.EXPORT_KEY``): that scale is undone, with the exporter's corrections
+(``hf_keys.EXACT_FILE``) bit for bit, and that eps kept.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_dlip.blip.build import build_model
-from lavis_dlip.blip.hf_keys import EXPORT_KEY, HF_VISION_EPS, from_hf
+from lavis_dlip.blip.hf_keys import EXACT_FILE, EXPORT_KEY, HF_VISION_EPS, from_hf
 from lavis_dlip.blip.layout import is_training_state
 from lavis_dlip.errors import ConfigError
 
@@ -98,7 +99,8 @@ def checkpoint(source: str, where: str = "distill.teacher.checkpoint") -> dict[s
     cfg = model_config(source, where)
     hf_model = getattr(transformers, config.architectures[0]).from_pretrained(_name(source))
     exported = getattr(config, EXPORT_KEY, None) or {}
-    mapped, unknown = from_hf(hf_model.state_dict(), exported.get("vision_scale", 1.0))
+    exact = _exact(source) if exported else None
+    mapped, unknown = from_hf(hf_model.state_dict(), exported.get("vision_scale", 1.0), exact)
     unknown = [k for k in unknown if not k.endswith("position_ids")]
     model = build_model(cfg, meta=False)
     missing, unexpected = model.load_state_dict(mapped, strict=False)
@@ -112,6 +114,26 @@ def checkpoint(source: str, where: str = "distill.teacher.checkpoint") -> dict[s
     if hasattr(model, "copy_params"):
         model.copy_params()
     return {"model": model.state_dict(), "config": {"model": OmegaConf.to_container(cfg)}}
+
+
+def _exact(source: str) -> Optional[dict]:
+    """The exporter's corrections (``hf_keys.EXACT_FILE``) beside its weights, if there."""
+    path = _local_file(source, EXACT_FILE)
+    return torch.load(path, map_location="cpu", weights_only=True) if path else None
+
+
+def _local_file(source: str, file: str) -> Optional[str]:
+    """``file`` of the model: in its directory, or in the Hugging Face cache; None if absent."""
+    name = _name(source)
+    if os.path.isdir(name):
+        path = os.path.join(name, file)
+        return path if os.path.isfile(path) else None
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(name, file)
+    except Exception:  # noqa: BLE001 (not in the repository, or not cached)
+        return None
 
 
 def _check_tied(model, mapped: dict, source: str, where: str) -> None:
@@ -130,20 +152,7 @@ def _check_tied(model, mapped: dict, source: str, where: str) -> None:
 
 def weights_file(source: str) -> Optional[str]:
     """The local file holding the weights (the directory's, or the Hugging Face cache's)."""
-    name = _name(source)
-    for file in WEIGHT_FILES:
-        if os.path.isdir(name):
-            path = os.path.join(name, file)
-            if os.path.isfile(path):
-                return path
-            continue
-        try:
-            from transformers.utils import cached_file
-
-            return cached_file(name, file)
-        except Exception:  # noqa: BLE001 (not this file name, or not cached)
-            continue
-    return None
+    return next((path for file in WEIGHT_FILES if (path := _local_file(source, file))), None)
 
 
 def identity(source: str) -> str:

@@ -11,8 +11,9 @@ its config says (modeling_blip.py:377-379, 668); BLIP's ViT uses 1e-6. ``to_hf``
 function exact anyway: the ViT's residual stream is written scaled by c = sqrt(1e-5 / eps)
 (embeddings and each block's output projections, ``RESIDUAL_WRITERS``), which
 LayerNorm(c x; 1e-5) turns into LayerNorm(x; eps), and records c in the config
-(``EXPORT_KEY``); ``from_hf`` divides by it. The round trip is exact up to float rounding
-of those tensors: x * c / c differs from x in the last bit for about 14% of float32 values.
+(``EXPORT_KEY``); ``from_hf`` divides by it. x * c / c differs from x in the last bit for
+about 14% of float32 values, so the exporter also writes those differences (``corrections``,
+one int8 a value, in ``EXACT_FILE``), and an import that reads them is bitwise the original.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ HF_VISION_EPS = 1e-5  # what transformers' BlipVisionModel computes with
 RESIDUAL_WRITERS = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.\w+)$")
 # modules under the same name in both (BERT bodies and heads)
 SAME_NAME = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
-LAVIS_ONLY = ("temp",)
+LAVIS_ONLY = ("temp",)  # the ITC temperature: transformers' retrieval class returns plain cosine similarity
 # in the exported config.json: {"vision_scale": c, "vision_layer_norm_eps": BLIP's eps}
-EXPORT_KEY = "lavis_dlip"  # the ITC temperature: transformers' retrieval class returns plain cosine similarity
+EXPORT_KEY = "lavis_dlip"
+EXACT_FILE = "lavis_dlip_exact.pt"  # beside the export: corrections() for a bitwise import
 
 
 def _rename(rel: str, to_hf: bool) -> Optional[str]:
@@ -84,18 +86,46 @@ def to_hf(state: Mapping[str, torch.Tensor], eps: float) -> tuple[dict[str, torc
     return out, dropped, unknown
 
 
-def from_hf(state: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _unscaled(value: torch.Tensor, scale: float) -> torch.Tensor:
+    return value / scale
+
+
+def corrections(hf: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                eps: float) -> dict[str, torch.Tensor]:
+    """What makes ``from_hf`` exact for ``to_hf``'s rescaled tensors: per value, how many
+    float32 steps (ulps) the division lands from the original, as int8 (``EXACT_FILE``)."""
+    scale, out = residual_scale(eps), {}
+    for key, value in state.items():
+        rel = key[len(LAVIS_VISION):] if key.startswith(LAVIS_VISION) else None
+        if rel is None or not RESIDUAL_WRITERS.match(rel) or value.dtype != torch.float32:
+            continue
+        hf_key = HF_VISION + _rename(rel, to_hf=True)
+        steps = value.view(torch.int32).long() - _unscaled(hf[hf_key], scale).view(torch.int32).long()
+        if steps.abs().max() > 127:
+            raise ValueError(f"{key}: the rescaling moved a value by {int(steps.abs().max())} float32 steps")
+        out[hf_key] = steps.to(torch.int8)
+    return out
+
+
+def from_hf(state: Mapping[str, torch.Tensor], scale: float = 1.0,
+            exact: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers keys -> LAVIS keys, the ViT's residual stream divided by ``scale`` (the
-    exporter's ``residual_scale``; 1 for a model it did not write): (mapped state, keys with
-    no place in LAVIS's layout)."""
+    exporter's ``residual_scale``; 1 for a model it did not write) and, with the exporter's
+    ``corrections`` (``exact``), moved back onto the original float32 values bit for bit:
+    (mapped state, keys with no place in LAVIS's layout)."""
     out, unknown = {}, []
     for key, value in state.items():
         if key.startswith(HF_VISION):
             rel = _rename(key[len(HF_VISION):], to_hf=False)
             if rel is None:
                 unknown.append(key)
+            elif scale != 1.0 and RESIDUAL_WRITERS.match(rel):
+                value = _unscaled(value, scale)
+                if exact is not None and key in exact:
+                    value = (value.view(torch.int32).long() + exact[key].long()).to(torch.int32).view(torch.float32)
+                out[LAVIS_VISION + rel] = value
             else:
-                out[LAVIS_VISION + rel] = value / scale if scale != 1.0 and RESIDUAL_WRITERS.match(rel) else value
+                out[LAVIS_VISION + rel] = value
         elif key.startswith(SAME_NAME):
             out[key] = value
         else:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lavis_dlip.errors import ConfigError
-from lavis_dlip.blip.hf_keys import EXPORT_KEY, HF_VISION_EPS, residual_scale, to_hf
+from lavis_dlip.blip.hf_keys import EXACT_FILE, EXPORT_KEY, HF_VISION_EPS, corrections, residual_scale, to_hf
 
 HF_CLASSES = {"retrieval": "BlipForImageTextRetrieval", "caption": "BlipForConditionalGeneration",
               "vqa": "BlipForQuestionAnswering"}
@@ -159,6 +159,7 @@ def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
     hf_model.load_state_dict(state, strict=False)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
+    torch.save(corrections(state, model.state_dict(), eps), out / EXACT_FILE)  # read back bit for bit
     img = image_settings(model)
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": img["image_size"], "width": img["image_size"]},
