@@ -79,7 +79,7 @@ def test_imported_blip_computes_what_transformers_computes(task, hf_blips):
         assert {"itc_sim", "itm_prob"} <= set(diffs)
 
 
-@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+@pytest.mark.parametrize("task", list(HF_CLASS))
 def test_lavis_to_transformers_and_back(task, tmp_path):
     """An exported LAVIS model read back: the same model config and every weight bitwise, the
     exporter's eps rescaling undone exactly (its corrections file); without that file, the
@@ -91,7 +91,7 @@ def test_lavis_to_transformers_and_back(task, tmp_path):
     from lavis_dlip.blip.hf_keys import EXACT_FILE, RESIDUAL_WRITERS
     from lavis_dlip.export.hf import export_hf
 
-    arch = {"retrieval": "dlip_retrieval", "vqa": "dlip_vqa"}[task]
+    arch = {"retrieval": "dlip_retrieval", "caption": "dlip_caption", "vqa": "dlip_vqa"}[task]
     cfg = model_config(arch, "test")
     torch.manual_seed(4)
     original = build_model(cfg, meta=False)  # LAVIS's init, its tied weights tied
