@@ -98,3 +98,16 @@ def test_runner_dlip_trains_from_shards(shards, tmp_path):
     missing = run_main("lavis_dlip.train", CONFIGS / "stream_retrieval.yaml", sources, "run.train_num_samples=null",
                        f"run.output_dir={tmp_path / 'b'}", cwd=tmp_path)
     assert missing.returncode == 2 and "run.train_num_samples" in missing.stderr
+
+    # distillation from the stream, the run above as the teacher (online); a map-style cache is refused
+    teacher = f"{{cfg_path: '{CONFIGS / 'retrieval.yaml'}', checkpoint: '{job / 'checkpoint_1.pth'}'}}"
+    distill = ["run.task=dlip_distill_retrieval", f"run.output_dir={tmp_path / 'c'}", "run.max_epoch=1",
+               f"distill={{teacher: {teacher}, terms: [{{name: itc}}, {{name: itm}}, {{name: itc_kd}}, "
+               "{name: hidden, module: vision}]}"]
+    proc = run_main("lavis_dlip.train", CONFIGS / "stream_retrieval.yaml", sources, *distill, cwd=tmp_path)
+    check(proc)
+    (student,) = output_dirs(tmp_path / "c")
+    assert "train_loss_itc_kd" in (student / "log.txt").read_text()
+    cached = run_main("lavis_dlip.train", CONFIGS / "stream_retrieval.yaml", sources, *distill,
+                      f"distill.cache={tmp_path / 'cache'}", cwd=tmp_path)
+    assert cached.returncode == 2 and "a streamed train split" in cached.stderr

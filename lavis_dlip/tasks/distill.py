@@ -84,6 +84,10 @@ class DistillTaskMixin:
             raise ConfigError("missing key 'distill.teacher'")
         teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
         validate_terms(distill.get("terms"))
+        if distill.get("cache") and "dlip_wds_pairs" in (raw.get("datasets") or {}):
+            raise ConfigError("distill.cache: a streamed train split (dlip_wds_pairs) has no map-style teacher-output "
+                              "cache (teacher outputs as shards are not built yet); drop distill.cache to run the "
+                              "teacher online")
         if not raw.run.get("evaluate", False):
             cache_config(distill.get("cache"), distill.get("base_dir") or base_dir)
 
