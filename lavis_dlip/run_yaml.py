@@ -46,7 +46,10 @@ def read(cfg_path: str, options: Optional[Sequence[str]] = None):
             raise ConfigError(f"{cfg_path}: --options {opt}: the value is not valid yaml ({why}); quote a string "
                               f"that holds ':', '{{' or '[', e.g. {key}='{value}'") from None
         OmegaConf.update(raw, key, parsed, merge=True)
-    return upgrade(raw)  # old key names, each with a deprecation line
+    try:
+        return upgrade(raw)  # old key names, each with a deprecation line
+    except ConfigError as err:
+        raise ConfigError(f"{cfg_path}: {err}") from None
 
 
 def attach_distill(cfg: Any, raw: Any, cfg_path: str) -> None:
