@@ -107,7 +107,7 @@ def test_lavis_to_transformers_and_back(task, tmp_path):
     assert len(own) > 20 and all(torch.equal(back[k], state[k]) for k in own)
 
     (tmp_path / "hf" / EXACT_FILE).unlink()  # without the corrections: one rounding away
-    hf_import.checkpoint.cache_clear()
+    hf_import.forget()
     rounded, _ = _imported(f"hf:{tmp_path / 'hf'}")
     rounded = rounded.state_dict()
     off = [k for k in own if not torch.equal(rounded[k], state[k])]

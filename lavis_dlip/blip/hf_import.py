@@ -88,11 +88,26 @@ def model_config(source: str, where: str = "distill.teacher.checkpoint") -> Any:
     return OmegaConf.create(cfg)
 
 
-@functools.lru_cache(maxsize=1)
+_CONVERTED: dict[str, dict[str, Any]] = {}  # source -> its checkpoint: the init and the teacher read it once
+
+
 def checkpoint(source: str, where: str = "distill.teacher.checkpoint") -> dict[str, Any]:
     """``{"model": LAVIS state, "config": {"model": model_config}}`` of the transformers BLIP
-    ``source``. What LAVIS has and transformers does not (momentum copies, queues, the ITC
-    temperature) is LAVIS's initialisation, the momentum copies equal to their models."""
+    ``source``, converted once per process. What LAVIS has and transformers does not (momentum
+    copies, queues, the ITC temperature) is LAVIS's initialisation, the momentum copies equal
+    to their models."""
+    if source not in _CONVERTED:
+        _CONVERTED.clear()  # one teacher at a time in memory
+        _CONVERTED[source] = _convert(source, where)
+    return _CONVERTED[source]
+
+
+def forget() -> None:
+    """Let go of the converted model (``blip.teacher.forget_weights``)."""
+    _CONVERTED.clear()
+
+
+def _convert(source: str, where: str) -> dict[str, Any]:
     import transformers
 
     config = _config(source, where)

@@ -98,6 +98,7 @@ def weights_identity(source: str) -> str:
 def forget_weights() -> None:
     """Let go of the weights read (once every model that needs them has them)."""
     _READ.clear()
+    hf_import.forget()
 
 
 def _local(source: str, key: str) -> str:
