@@ -100,6 +100,7 @@ def demo_stages(not_distilled: bool = False) -> tuple[str, ...]:
     """The stages a task runs, in order."""
     return tuple(name for name in STAGES if not_distilled or name not in OPTIONAL)
 
+
 def own_terms(cfg_path: Path) -> list[dict]:
     """A distillation yaml's terms that need no teacher: the student's own losses."""
     from omegaconf import OmegaConf
@@ -112,8 +113,8 @@ def stage_cfgs(task: str) -> dict[str, Path]:
 
 
 def task_stages(task: str, data: Path, out: Path, options: Sequence[str]) -> dict[str, Stage]:
-    """A task's stages (all of ``STAGES``). Where each writes is known before it runs (the teacher's and
-    the cache's directories are keyed by their inputs), so none waits to be planned."""
+    """A task's stages (all of ``STAGES``). Where each writes is known before it runs (the
+    teacher's and the cache's directories are keyed by their inputs), so none waits to be planned."""
     cfgs = stage_cfgs(task)
     teacher_dir = kept_dir(cfgs["teacher"], data, options)
     ckpt = teacher_dir / "checkpoint.pth"
