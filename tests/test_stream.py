@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -63,6 +64,13 @@ def test_dataloader_workers_split_a_process_share(shards):
     by_worker = [{(int(i), t) for b in batches[w::2] for i, t in zip(b["image_id"], b["text_input"])}
                  for w in range(2)]  # the loader takes batches from its workers in turn
     assert not by_worker[0] & by_worker[1]  # each reads shards of its own
+
+    # this process holds 3 of the 7 shards, for 4 workers: they split its samples by position, so
+    # together they read what one process alone reads (a multiset: the data repeats some pairs)
+    stream.configure(42, 48, 1, 2)
+    batches = list(DataLoader(stream, batch_size=4, num_workers=4, drop_last=True))
+    together = Counter((int(i), t) for b in batches for i, t in zip(b["image_id"], b["text_input"]))
+    assert len(batches) == 12 and together == Counter(_items(stream, 42, 48, 1, 2))
 
 
 def test_a_corrupt_shard_is_skipped_and_counted(shards, tmp_path, caplog):

@@ -83,20 +83,20 @@ class ShardStream(wds.DataPipeline):
     def __len__(self) -> int:
         return self.samples
 
-    def process_shards(self, source: Source, worker: int, workers: int) -> list[str]:
-        """This process's (and DataLoader worker's) shards of ``source`` this epoch, in its order."""
+    def process_shards(self, source: Source, worker: int, workers: int) -> tuple[list[str], bool]:
+        """This process's (and DataLoader worker's) shards of ``source`` this epoch, in its order;
+        and whether the workers share them (fewer shards than workers: split by sample)."""
         dealt = np.random.default_rng([self.seed, self.epoch]).permutation(len(source.shards))
         mine = [source.shards[i] for i in dealt[self.rank::self.world]]
         order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(len(mine))
         mine = [mine[i] for i in order]
-        return mine[worker::workers] or mine  # more workers than shards: they share, by sample (see __iter__)
+        return (mine, True) if len(mine) < workers else (mine[worker::workers], False)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         quota = self.samples // workers + int(worker < self.samples % workers)
-        shared = [len(s.shards) // self.world < workers for s in self.sources]
-        streams = [self._samples(s, worker, workers, share) for s, share in zip(self.sources, shared)]
+        streams = [self._samples(s, worker, workers) for s in self.sources]
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         pick = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
         skipped = 0
@@ -110,9 +110,9 @@ class ShardStream(wds.DataPipeline):
             item["n_skipped"], skipped = skipped, 0
             yield item
 
-    def _samples(self, source: Source, worker: int, workers: int, shared: bool) -> Iterator[Optional[dict]]:
+    def _samples(self, source: Source, worker: int, workers: int) -> Iterator[Optional[dict]]:
         """Samples of this process's shards, cycling; None for each one skipped."""
-        shards = self.process_shards(source, worker, workers)
+        shards, shared = self.process_shards(source, worker, workers)
         n = 0
         while True:
             good = 0
