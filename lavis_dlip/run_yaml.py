@@ -13,13 +13,9 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from lavis_dlip.checkpoint import first_line
 from lavis_dlip.errors import ConfigError
 from lavis_dlip.renamed import upgrade
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read(cfg_path: str, options: Optional[Sequence[str]] = None):
@@ -42,7 +38,7 @@ def read(cfg_path: str, options: Optional[Sequence[str]] = None):
         try:
             parsed = OmegaConf.from_dotlist([f"v={value}"]).v
         except Exception as err:  # yaml's ScannerError and friends: name the option
-            why = getattr(err, "problem", None) or _first_line(err)
+            why = getattr(err, "problem", None) or first_line(err)
             raise ConfigError(f"{cfg_path}: --options {opt}: the value is not valid yaml ({why}); quote a string "
                               f"that holds ':', '{{' or '[', e.g. {key}='{value}'") from None
         OmegaConf.update(raw, key, parsed, merge=True)

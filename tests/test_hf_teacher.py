@@ -175,3 +175,24 @@ def test_a_transformers_blip_distils_a_student(task, hf_blips, tmp_path):
     log = (job / "log.txt").read_text()
     assert "loss_" in log and f"hf:{hf_blips[task]}" in log
 
+
+
+def test_only_training_images_are_compared_with_the_teacher(hf_blips):
+    """An evaluation-only dataset beside the training one (its images never reach the teacher)
+    is not held to the teacher's processor; a training dataset at another size is."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lavis_dlip.blip.tokenizer import init_blip_tokenizer
+    from lavis_dlip.errors import ConfigError
+    from lavis_dlip.tasks.distill import _check_hf_inputs
+
+    student = SimpleNamespace(tokenizer=init_blip_tokenizer(OFFLINE_VOCAB))
+    source = f"hf:{hf_blips['retrieval']}"
+    train = {"vis_processor": {"train": {"name": "blip_image_train", "image_size": 64}}}
+    evaluation = {"vis_processor": {"eval": {"name": "blip_image_eval", "image_size": 384}}}
+    _check_hf_inputs(SimpleNamespace(datasets_cfg=OmegaConf.create({"a": train, "b": evaluation})), student, source)
+    train_384 = {"vis_processor": {"train": {"name": "blip_image_train", "image_size": 384}}}
+    with pytest.raises(ConfigError, match="student's data gives 384 px"):
+        _check_hf_inputs(SimpleNamespace(datasets_cfg=OmegaConf.create({"a": train_384})), student, source)

@@ -18,7 +18,6 @@ eps (``hf_keys.EXPORT_KEY``): that scale is undone, with the exporter's correcti
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from typing import Any, Optional
 
@@ -26,6 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_dlip.blip.build import build_model
+from lavis_dlip.blip.build import model_config as preset_config
+from lavis_dlip.checkpoint import file_sha256
 from lavis_dlip.blip.hf_keys import EXACT_FILE, EXPORT_KEY, HF_VISION_EPS, from_hf
 from lavis_dlip.blip.layout import is_training_state
 from lavis_dlip.errors import ConfigError
@@ -62,7 +63,8 @@ def _config(source: str, where: str):
 
 
 def model_config(source: str, where: str = "distill.teacher.checkpoint") -> Any:
-    """The dlip_* model config of the transformers BLIP ``source``."""
+    """The dlip_* model config of the transformers BLIP ``source``: its ``base`` preset with
+    every size read from the ``BlipConfig`` (the teacher and the init build the same model)."""
     config = _config(source, where)
     arch = ARCHS[config.architectures[0]]
     v, t = config.vision_config, config.text_config
@@ -85,7 +87,7 @@ def model_config(source: str, where: str = "distill.teacher.checkpoint") -> Any:
         cfg["decoder"] = {k: text[k] for k in ("width", "heads", "intermediate_size", "layers", "dropout")}
     if arch == "dlip_caption":
         cfg["prompt"] = CAPTION_PROMPT
-    return OmegaConf.create(cfg)
+    return preset_config(arch, "base", cfg, where)
 
 
 _CONVERTED: dict[str, dict[str, Any]] = {}  # source -> its checkpoint: the init and the teacher read it once
@@ -173,13 +175,7 @@ def weights_file(source: str) -> Optional[str]:
 def identity(source: str) -> str:
     """``hf:<name>@sha256:<hex>`` of the weights file (the cache key of a teacher read from it)."""
     path = weights_file(source)
-    if path is None:
-        return source
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{source}@sha256:{digest.hexdigest()}"
+    return source if path is None else f"{source}@sha256:{file_sha256(path)}"
 
 
 def _rounded(values) -> list[float]:

@@ -330,8 +330,8 @@ def apply_init(model, init_cfg: Optional[Mapping[str, Any]]) -> InitReport:
     report = InitReport()
     if not init_cfg:
         return report
-    init_cfg = upgrade_init(dict(init_cfg))
-    specs = parse_init(init_cfg)
+    init_cfg = dict(init_cfg)
+    specs = parse_init(init_cfg)  # the renamed keys read there (renamed.upgrade_init)
     shared = Inheritance(model, init_cfg, specs, report)
     for module, (spec, strategy, criterion) in specs.items():
         lay = module_layout(model, module)

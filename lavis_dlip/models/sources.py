@@ -35,10 +35,11 @@ from lavis_dlip.blip.build import random_state
 from lavis_dlip.blip.tokenizer import resolve_source
 from lavis_dlip.blip.teacher import TEACHER_KEYS, read_weights, teacher_model_config
 from lavis_dlip.blip.build import build_model
+from lavis_dlip.blip.hf_import import HF
 from lavis_dlip.blip.layout import is_training_state
 
 TIMM_ONLY = ("head.", "head_dist.", "fc_norm.", "dist_token", "pre_logits.")
-TIMM, HF = "timm:", "hf:"  # named sources: a timm model, a Hugging Face Hub id or save_pretrained directory
+TIMM = "timm:"  # a named source: a timm model (HF, "hf:": a Hub id or save_pretrained directory)
 
 # transformers ViT/DeiT -> timm ViT key names (relative to the model; q, k, v are fused after)
 HF_VIT_KEYS = (
@@ -150,7 +151,7 @@ def timm_named(name: str, where: str) -> Source:
         model = timm.create_model(name, pretrained=True)
     except Exception as err:  # unknown name, no network and no cached file, a bad file
         raise ConfigError(f"{where}: timm could not load '{name}' with its weights ({type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); offline, put its "
+                          f"{checkpoint.first_line(err)}); offline, put its "
                           f"file in {torch.hub.get_dir()}/checkpoints or give the file as source with "
                           f"source_heads") from None
     blocks = getattr(model, "blocks", None)

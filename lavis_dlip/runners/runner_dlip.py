@@ -221,7 +221,8 @@ class RunnerDlip(RunnerBase):
                               f"{get_world_size()}); got {total}")
         dataset.configure(int(run_cfg.get("seed", 42)), int(total) // get_world_size(), get_rank(), get_world_size())
         return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+                          generator=self._train_generator)  # workers' augmentation seeds: (run.seed, epoch)
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:

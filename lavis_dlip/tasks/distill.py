@@ -161,7 +161,9 @@ def _check_hf_inputs(cfg, student, source: str) -> None:
     """A transformers teacher's processor and tokenizer against the student's data and tokenizer."""
     default = BlipImageBaseProcessor()  # LAVIS's mean and std, where a processor names none
     for ds in cfg.datasets_cfg.values():
-        proc = (ds.get("vis_processor") or {}).get("train") or {}
+        proc = (ds.get("vis_processor") or {}).get("train")
+        if proc is None:  # an evaluation split's dataset: the teacher never sees its images
+            continue
         mean = proc.get("mean") or list(default.normalize.mean)
         std = proc.get("std") or list(default.normalize.std)
         hf_import.check_inputs(source, int(proc.get("image_size", 384)), mean, std, student.tokenizer)
