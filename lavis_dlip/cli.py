@@ -124,7 +124,7 @@ def _stopped_by_signals(runner):
         if last is None:
             kept = "no epoch had finished, so there is no checkpoint to resume from"
         else:
-            kept = (f"the last checkpoint is {last[0]} (epoch {last[1]}); resume with "
+            kept = (f"the last checkpoint is {last[0]} ({last[1]}); resume with "
                     f"--options run.resume_ckpt_path={last[0]}")
         raise RunStopped(f"stopped by {name}; {kept}", exit_code=code) from None
     finally:

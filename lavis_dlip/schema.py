@@ -99,6 +99,7 @@ RUN_KEYS: dict[str, Key] = {
     "distributed": FLAG, "world_size": POSITIVE_INT, "dist_url": NAME, "dist_backend": NAME,
     "dist_timeout_min": POSITIVE_INT, "gpu": COUNT, "rank": COUNT, "find_unused_parameters": FLAG,
     "best_metric": NAME, "keep_freed_memory": FLAG, "keep_checkpoints": POSITIVE_INT,
+    "save_every_n_steps": POSITIVE_INT,  # runner_dlip: a mid-epoch checkpoint every N optimizer steps
     # tasks
     "k_test": POSITIVE_INT, "num_beams": POSITIVE_INT, "max_len": POSITIVE_INT, "min_len": COUNT,
     "num_ans_candidates": POSITIVE_INT, "inference_method": Key("str", choices=("rank", "generate")),

@@ -37,6 +37,16 @@ def student_ckpt(path: Path, **overrides) -> Path:
     return path
 
 
+def mid_epoch_of_two(path: Path) -> Path:
+    """A checkpoint written mid-epoch by two processes (``run.save_every_n_steps``)."""
+    import torch
+
+    student_ckpt(path)
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "positions": [{"batches": 3}, {"batches": 3}]}, path)
+    return path
+
+
 def garbage(path: Path) -> Path:
     path.write_bytes(b"not a checkpoint\x00" * 64)
     return path
@@ -231,6 +241,10 @@ CASES = [
          ["run.resume_ckpt_path:", "is not a readable PyTorch checkpoint"], files={"ckpt": truncated}),
     Case("resume_not_runner", "`run.resume_ckpt_path` a bare state dict", ["run.resume_ckpt_path={ckpt}"],
          ["has no 'optimizer' entry", "checkpoint_latest.pth"], files={"ckpt": no_optimizer}),
+    Case("resume_other_world", "`run.resume_ckpt_path` written mid-epoch by 2 processes, resumed in 1",
+         ["run.resume_ckpt_path={ckpt}"],
+         ["run.resume_ckpt_path:", "stopped mid-epoch with 2 processes, this run has 1"],
+         files={"ckpt": mid_epoch_of_two}),
     Case("resume_other_model", "`run.resume_ckpt_path` of another model's shape", ["run.resume_ckpt_path={ckpt}"],
          ["run.resume_ckpt_path:", "does not fit DlipRetrieval"], files={"ckpt": wider}),
 ]

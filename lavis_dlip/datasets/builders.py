@@ -30,7 +30,7 @@ from lavis.datasets.datasets.image_text_pair_datasets import ImageTextPairDatase
 from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, RetrievalEvalDataset
 
 from lavis_dlip.datasets import validate as V
-from lavis_dlip.datasets.stream import ShardStream, Source, shard_list
+from lavis_dlip.datasets.stream import SHUFFLE, ShardStream, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,8 @@ class LocalVQABuilder(LocalBuilder):
 class ShardPairsBuilder(BaseDatasetBuilder):
     """Image-text pairs streamed from webdataset shards (train only; ``datasets/stream.py``):
     ``build_info.sources: [{shards: DIR | PATTERN | [files], weight: 1.0}, ...]``, relative
-    paths against the run yaml (``base_dir``). An epoch is ``run.train_num_samples`` samples."""
+    paths against the run yaml (``base_dir``); ``build_info.shuffle``: samples in each
+    source's shuffle buffer (1: shard order). An epoch is ``run.train_num_samples`` samples."""
 
     name = "dlip_wds_pairs"
 
@@ -205,8 +206,14 @@ class ShardPairsBuilder(BaseDatasetBuilder):
             weight = float(spec.get("weight", 1.0))
             if weight <= 0:
                 raise V.DataError(f"{where}[{n}].weight must be > 0, got {weight}")
-            sources.append(Source(shard_list(shards, f"{where}[{n}].shards"), weight))
-        return {"train": ShardStream(sources, self.vis_processors["train"], self.text_processors["train"])}
+            sources.append(read_source(shards, weight, f"{where}[{n}].shards"))
+        shuffle = (self.config.get("build_info") or {}).get("shuffle", SHUFFLE)
+        if not isinstance(shuffle, int) or isinstance(shuffle, bool) or shuffle < 1:
+            raise V.DataError(f"datasets.{self.name}.build_info.shuffle must be an integer >= 1 (samples in the "
+                              f"shuffle buffer; 1: shard order), got {shuffle!r}")
+        stream = ShardStream(sources, self.vis_processors["train"], self.text_processors["train"])
+        stream.shuffle = shuffle
+        return {"train": stream}
 
 
 # the plugin's builders: paths relative to the run yaml (base_dir)

@@ -38,7 +38,6 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool =
         if cfg.get("load_weights", True):
             model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
         else:  # dry runs and tests: the teacher's shape with random stand-in weights
-
             model = random_model(model_cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint:

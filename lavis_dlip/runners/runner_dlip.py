@@ -5,7 +5,10 @@ It overrides what LAVIS 1.0.2's ``RunnerBase`` gets wrong, each for the reason i
 brackets (file:line); the training step and inner loop stay on the task
 (``tasks/loop.py``), where LAVIS keeps them:
 
-* ``__init__``: ``run.device`` ``auto`` resolved, and checked against the machine; the
+* ``__init__``: LAVIS's LAION pipelines read as the plugin's streams (``datasets/stream.py``:
+  shards dealt to processes, resumable mid-epoch) [laion_dataset.py resamples shards per
+  process and has no length, which LAVIS's epoch runner needs: LAVIS issues #420, #521];
+  ``run.device`` ``auto`` resolved, and checked against the machine; the
   task given the plugin's loop (``tasks.loop.adopt``: every loss term, CPU, lr
   multipliers, evaluation on the model's device [runner_base.py:469 -> base_task.py:88]);
   ``model.queue_size`` a multiple of the global batch [base_model.py:147 asserts it mid-run];
@@ -27,11 +30,16 @@ brackets (file:line); the training step and inner loop stay on the task
 * ``_save_checkpoint`` / ``_load_checkpoint``: the full model state (momentum encoders
   and queues too [runner_base.py:311 drops them, so LAVIS's resume fails: LAVIS issue
   #153]), optimizer, scaler, epoch, best metric and every process's RNG state, written
-  atomically; ``checkpoint_best.pth`` holds only what LAVIS's ``_reload_best_model`` reads.
+  atomically; ``checkpoint_best.pth`` holds only what LAVIS's ``_reload_best_model`` reads;
+* ``train_epoch``: with ``run.save_every_n_steps``, ``checkpoint_latest.pth`` is also written
+  mid-epoch, with every process's position in the epoch (``tasks.loop.EpochPosition``: its
+  batches, running sums and stream positions); resumed from it, the epoch continues at the
+  next batch [LAVIS resumes only at epoch boundaries: LAVIS issue #633].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -54,11 +62,12 @@ from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, Itera
 from lavis_dlip import checkpoint as ckpt
 from lavis_dlip import compat
 from lavis_dlip.errors import CheckpointError, ConfigError, RunStopped
-from lavis_dlip.datasets.stream import ShardStream
+from lavis_dlip.datasets.stream import ShardStream, lavis_laion_stream
+from lavis_dlip.distill.cache import ReplayDataset
 from lavis_dlip.models.base import fitting_state
 from lavis_dlip.process import barrier, keep_freed_memory, resolve_device
 from lavis_dlip.runs import claim_job_dir
-from lavis_dlip.tasks.loop import Diverged, adopt
+from lavis_dlip.tasks.loop import Diverged, EpochPosition, adopt
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +85,13 @@ class RunnerDlip(RunnerBase):
         run_cfg.distributed = bool(run_cfg.get("distributed", False))  # set by torchrun's init_distributed_mode
         self.best_agg_metric = -math.inf
         self.best_epoch: Optional[int] = None
-        self.last_checkpoint: Optional[tuple[str, int]] = None  # (path, epoch) of the newest checkpoint_latest.pth
+        self.last_checkpoint: Optional[tuple[str, str]] = None  # the newest checkpoint_latest.pth, "epoch N[, batch B]"
         self._train_generator = torch.Generator()
+        self._resume_position: Optional[EpochPosition] = None  # a mid-epoch checkpoint's (this process's)
+        for splits in datasets.values():  # LAVIS's LAION builders: the same shards, dealt and resumable
+            for split, dataset in splits.items():
+                laion = lavis_laion_stream(dataset)
+                splits[split] = dataset if laion is None else laion
         super().__init__(cfg=cfg, task=adopt(task, run_cfg), model=model, datasets=datasets, job_id=job_id)
         _check_splits(run_cfg, datasets)
         if not run_cfg.evaluate:
@@ -182,13 +196,13 @@ class RunnerDlip(RunnerBase):
                 continue
             if isinstance(dataset, (list, tuple)) or isinstance(dataset, IterableDataset):
                 raise ConfigError(
-                    "runner_dlip streams the dlip_wds_pairs builder's shards and reads map-style datasets (all "
-                    "LAVIS image builders), not both at once nor other pipelines; for those use run.runner: "
-                    "runner_base or runner_iter")
+                    "runner_dlip streams the dlip_wds_pairs builder's shards and LAVIS's LAION builders' and reads "
+                    "map-style datasets (all LAVIS image builders), not both at once nor other pipelines; for "
+                    "those use run.runner: runner_base or runner_iter")
             sampler = None
             if is_train:
                 # A sampler whose order is a function of (seed, epoch) alone, in 1 or N processes.
-                sampler = DistributedSampler(
+                sampler = _ResumableSampler(
                     dataset, num_replicas=get_world_size(), rank=get_rank(),
                     shuffle=True, seed=int(self.config.run_cfg.get("seed", 42)), drop_last=True,
                 )
@@ -220,7 +234,8 @@ class RunnerDlip(RunnerBase):
                               f"epoch has, at least run.batch_size_train x processes ({batch_size} x "
                               f"{get_world_size()}); got {total}")
         dataset.configure(int(run_cfg.get("seed", 42)), int(total) // get_world_size(), get_rank(), get_world_size())
-        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                          collate_fn=collate_fn or dataset.collater,  # LAVIS takes it from its chain: none
                           pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
                           generator=self._train_generator)  # workers' augmentation seeds: (run.seed, epoch)
 
@@ -243,7 +258,9 @@ class RunnerDlip(RunnerBase):
         self.log_config()
         self.log_stats({"world_size": get_world_size(), "device": str(self.device)}, "run")
         if resume:
-            self.log_stats({"from": str(resume), "start_epoch": self.start_epoch}, "resume")
+            at = self._resume_position
+            self.log_stats({"from": str(resume), "start_epoch": self.start_epoch,
+                            "start_batch": 0 if at is None else at.batches}, "resume")
 
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
@@ -267,7 +284,7 @@ class RunnerDlip(RunnerBase):
                 self.log_stats(val_log, split_name)
             self._save_checkpoint(cur_epoch, is_best=False)
             barrier()
-            self.last_checkpoint = (str(self.output_dir / LATEST), cur_epoch)
+            self.last_checkpoint = (str(self.output_dir / LATEST), f"epoch {cur_epoch}")
 
         has_best = self.best_epoch is not None
         test_logs = self.test(cur_epoch="best" if has_best else cur_epoch, skip_reload=not has_best)
@@ -286,16 +303,46 @@ class RunnerDlip(RunnerBase):
         return logs
 
     def _start_epoch(self, epoch: int) -> None:
-        """The train order and augmentations of ``epoch``: functions of ``(run.seed, epoch)``."""
+        """The train order and augmentations of ``epoch``: functions of ``(run.seed, epoch)``;
+        resumed mid-epoch, the loader starts at the checkpoint's next batch."""
         loader = self.train_loader
         if hasattr(loader.sampler, "set_epoch"):  # a stream has no sampler: its dataset deals the shards
             loader.sampler.set_epoch(epoch)
         if hasattr(loader.dataset, "set_epoch"):  # the teacher cache's augmentation replay, a stream's shards
             loader.dataset.set_epoch(epoch)
         self._train_generator.manual_seed(int(self.config.run_cfg.get("seed", 42)) * 1000 + epoch)
+        at = self._resume_position
+        if at is None or epoch != self.start_epoch:
+            return
+        if isinstance(loader.dataset, ShardStream):
+            loader.dataset.resume_at(at.stream_resume())
+            return
+        loader.sampler.skip = at.batches * loader.batch_size
+        if loader.num_workers and not isinstance(loader.dataset, ReplayDataset):
+            logger.warning("resumed mid-epoch with run.num_workers %d: the rest of epoch %d sees the same samples, "
+                           "but other random augmentations than an uninterrupted run's (the loader's workers "
+                           "restart their RNGs; a stream's or a teacher cache's augmentations do not depend on "
+                           "them)", loader.num_workers, epoch)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """LAVIS's (the task's loop), from the mid-epoch checkpoint's position when resumed from
+        one, writing one every ``run.save_every_n_steps`` optimizer steps."""
+        self.model.train()
+        position, self._resume_position = self._resume_position, None
+        every = int(self.config.run_cfg.get("save_every_n_steps") or 0)
+        return self.task.train_epoch(
+            epoch=epoch, model=self.model, data_loader=self.train_loader, optimizer=self.optimizer,
+            scaler=self.scaler, lr_scheduler=self.lr_scheduler, cuda_enabled=self.cuda_enabled,
+            log_freq=self.log_freq, accum_grad_iters=self.accum_grad_iters, position=position,
+            save=(lambda at: self._save_position(epoch, at)) if every else None, save_every=every)
+
+    def _save_position(self, epoch: int, at: EpochPosition) -> None:
+        self._save_checkpoint(epoch, position=at)
+        barrier()
+        self.last_checkpoint = (str(self.output_dir / LATEST), f"epoch {epoch}, batch {at.batches}")
 
     def _diverged(self, err: Diverged) -> RunStopped:
-        last = (f"the last good checkpoint is {self.last_checkpoint[0]} (epoch {self.last_checkpoint[1]})"
+        last = (f"the last good checkpoint is {self.last_checkpoint[0]} ({self.last_checkpoint[1]})"
                 if self.last_checkpoint else "no epoch finished, so no checkpoint was written")
         return RunStopped(f"{err}; lower run.init_lr (now {self.config.run_cfg.init_lr}) or raise "
                           f"run.warmup_steps; {last}")
@@ -313,27 +360,31 @@ class RunnerDlip(RunnerBase):
             json.dump(metrics, f, indent=2)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, cur_epoch: int, is_best: bool = False) -> None:
+    def _save_checkpoint(self, cur_epoch: int, is_best: bool = False, position: Optional[EpochPosition] = None
+                         ) -> None:
         """``checkpoint_best.pth`` (main process only, for evaluation: the weights and the
         config they were built from, all that LAVIS's ``_reload_best_model`` and a later
         ``model.init.teacher`` read, loadable with ``weights_only``) or, on every process,
-        ``checkpoint_latest.pth`` with the optimizer and all processes' RNG states (for resume)."""
+        ``checkpoint_latest.pth`` with the optimizer and all processes' RNG states (for resume);
+        ``position``: this process's in ``cur_epoch``, which is not finished (every process's is kept)."""
         rng = None
         if not is_best:
-            rng = [ckpt.rng_state()]
+            rng = [(ckpt.rng_state(), position)]
             if is_dist_avail_and_initialized():
                 rng = [None] * get_world_size()
-                dist.all_gather_object(rng, ckpt.rng_state())
+                dist.all_gather_object(rng, (ckpt.rng_state(), position))
         if not is_main_process():
             return
         state = {"model": self.unwrap_dist_model(self.model).state_dict(), "config": self.config.to_dict(),
                  "epoch": cur_epoch, "best_agg_metric": float(self.best_agg_metric), "best_epoch": self.best_epoch}
         if not is_best:
-            state.update(optimizer=self.optimizer.state_dict(), rng=rng,
+            state.update(optimizer=self.optimizer.state_dict(), rng=[r for r, _ in rng],
                          scaler=self.scaler.state_dict() if self.scaler else None,
                          records={name: _size(self.output_dir / name) for name in RECORDS})
+            if position is not None:
+                state["positions"] = [dataclasses.asdict(p) for _, p in rng]
         names = [BEST] if is_best else [LATEST]
-        if not is_best and not self.valid_splits:
+        if not is_best and not self.valid_splits and position is None:
             names.append(f"checkpoint_{cur_epoch}.pth")  # LAVIS keeps one per epoch without validation
         first = self.output_dir / names[0]
         try:
@@ -346,7 +397,8 @@ class RunnerDlip(RunnerBase):
             ckpt.atomic_link(str(first), str(self.output_dir / name))
         if not is_best:
             self._drop_old_epochs()
-        logger.info("saved %s in %s (epoch %d)", ", ".join(names), self.output_dir, cur_epoch)
+        step = "" if position is None else f", step {position.batches // self.accum_grad_iters}"
+        logger.info("saved %s in %s (epoch %d%s)", ", ".join(names), self.output_dir, cur_epoch, step)
 
     def _drop_old_epochs(self) -> None:
         """``run.keep_checkpoints: N`` keeps the newest N per-epoch checkpoints
@@ -365,6 +417,11 @@ class RunnerDlip(RunnerBase):
         evaluation records written after that checkpoint are cut off."""
         key = "run.resume_ckpt_path"
         state = ckpt.load_resume(url_or_filename)
+        positions = state.get("positions")
+        if positions is not None and len(positions) != get_world_size():
+            raise CheckpointError(f"{key}: {url_or_filename} stopped mid-epoch with {len(positions)} processes, "
+                                  f"this run has {get_world_size()}; resume it with as many (each kept its "
+                                  f"own place in the data)")
         model = self.unwrap_dist_model(self.model)
         try:
             model.load_state_dict(state["model"])  # strict: resume continues this very model
@@ -376,7 +433,11 @@ class RunnerDlip(RunnerBase):
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
-        self.last_checkpoint = (str(url_or_filename), int(state["epoch"]))
+        if positions is not None:  # written mid-epoch: that epoch goes on
+            self.start_epoch = int(state["epoch"])
+            self._resume_position = EpochPosition(**positions[get_rank()])
+        self.last_checkpoint = (str(url_or_filename), f"epoch {state['epoch']}" + (
+            "" if self._resume_position is None else f", batch {self._resume_position.batches}"))
         self.best_agg_metric = state.get("best_agg_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
         if is_main_process():
@@ -390,8 +451,21 @@ class RunnerDlip(RunnerBase):
         else:
             logger.warning("checkpoint has RNG states for %d processes, this run has %d: "
                            "the resumed run will not be bit-identical", len(rngs), get_world_size())
-        logger.info("resumed from %s at epoch %d", url_or_filename, self.start_epoch)
+        at = "" if self._resume_position is None else f", batch {self._resume_position.batches}"
+        logger.info("resumed from %s at epoch %d%s", url_or_filename, self.start_epoch, at)
 
+
+
+class _ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (an order that is a function of ``(seed, epoch)``, in 1 or N
+    processes) whose next pass starts ``skip`` indices in: a mid-epoch resume. Its length
+    stays the epoch's, which the scheduler and the progress bar count."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices, self.skip = list(super().__iter__())[self.skip:], 0
+        return iter(indices)
 
 
 def _check_splits(run_cfg, datasets) -> None:

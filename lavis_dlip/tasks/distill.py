@@ -18,8 +18,9 @@ from a frozen teacher (``distill`` section of the run yaml).
 The teacher lives on the task, outside the model: it is not optimised, not
 wrapped in DDP and not checkpointed. With ``run.evaluate: True`` it is not built.
 With ``distill.cache`` its outputs are read from a teacher-output cache
-(``distill/cache/``): the train split replays the cached augmentations, and the
-teacher is built only as a shape (on the meta device) unless a term needs it online.
+(``distill/cache/``): the train split replays the cached augmentations (a stream: its
+outputs shards beside the data shards), and the teacher is built only as a shape (on
+the meta device) unless a term needs it online.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from lavis_dlip.distill.distiller import BALANCE
 from lavis_dlip.distill.cache import (
     BUILDING, VERSION as CACHE_VERSION, CacheReader, ReplayDataset, Spec, cache_config, data_key, teacher_key,
 )
+from lavis_dlip.distill.cache.shards import ShardOutputs, stream_data_key
 from lavis_dlip.distill.teacher import check_compatible
+from lavis_dlip.datasets.stream import ShardStream, StoredAugmentations
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.run_yaml import ensure_distill
 from lavis_dlip.tasks.captioning import DlipCaptionTask
@@ -58,7 +61,7 @@ class DistillTaskMixin:
     teacher: Optional[FrozenTeacher] = None
     cache: Optional[CacheReader] = None
     cache_cfg: Optional[dict] = None
-    cache_dataset: Optional[ReplayDataset] = None  # the train split, replaying the cached augmentations
+    cache_dataset: Optional[ReplayDataset | ShardStream] = None  # the train split, replaying the cached augmentations
     RUNNER = "runner_dlip"  # its train step returns (loss, terms) and it places the teacher
 
     @classmethod
@@ -84,10 +87,6 @@ class DistillTaskMixin:
             raise ConfigError("missing key 'distill.teacher'")
         teacher_model_config(distill.teacher, distill.get("base_dir") or base_dir)
         validate_terms(distill.get("terms"))
-        if distill.get("cache") and "dlip_wds_pairs" in (raw.get("datasets") or {}):
-            raise ConfigError("distill.cache: a streamed train split (dlip_wds_pairs) has no map-style teacher-output "
-                              "cache (teacher outputs as shards are not built yet); drop distill.cache to run the "
-                              "teacher online")
         if not raw.run.get("evaluate", False):
             cache_config(distill.get("cache"), distill.get("base_dir") or base_dir)
 
@@ -104,10 +103,13 @@ class DistillTaskMixin:
         if len(train) != 1:
             raise ConfigError(f"distill.cache: caches one train split, the config has {len(train)} "
                               f"({', '.join(train) or 'none'})")
-        name = train[0]
-        self.cache_dataset = ReplayDataset(datasets[name]["train"], self.cache_cfg["augmentations"],
-                                           self.cache_cfg["seed"])
-        self._cache_data = data_key(datasets[name]["train"], name, cfg.datasets_cfg[name])
+        name, split = train[0], datasets[train[0]]["train"]
+        if isinstance(split, ShardStream):  # teacher outputs as shards beside the data shards
+            split.stored = StoredAugmentations(self.cache_cfg["augmentations"], self.cache_cfg["seed"])
+            self.cache_dataset, self._cache_data = split, stream_data_key(split, name, cfg.datasets_cfg[name])
+            return datasets
+        self.cache_dataset = ReplayDataset(split, self.cache_cfg["augmentations"], self.cache_cfg["seed"])
+        self._cache_data = data_key(split, name, cfg.datasets_cfg[name])
         datasets[name]["train"] = self.cache_dataset
         return datasets
 
@@ -142,7 +144,8 @@ class DistillTaskMixin:
         setattr(model, ATTRIBUTE, Distiller(build_terms(distill.terms, model, self.teacher.model),
                                             balance=str(distill.get("balance") or "none")))
         if cached and not BUILDING.get():
-            self.cache = CacheReader(self.cache_cfg["dir"], self.cache_key(cfg, model))
+            reader = ShardOutputs if isinstance(self.cache_dataset, ShardStream) else CacheReader
+            self.cache = reader(self.cache_cfg["dir"], self.cache_key(cfg, model))
             self.cache_dataset.reader = self.cache  # batches arrive with the teacher's outputs
             if self.cache.online_fusion:  # itm_kd on the student's own negatives: the teacher's text encoder runs
                 logger.warning("distill.cache: itm_kd with pairs: all scores the student's own hard negatives, "

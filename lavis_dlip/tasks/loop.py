@@ -12,6 +12,9 @@ bases; ``runner_dlip`` gives it to LAVIS's own tasks, ``adopt``) and replaces wh
   scheduler, divides the loss by ``accum_grad_iters`` (LAVIS's does not), uses amp on
   CUDA only, and stops a diverging run before the backward pass of the step that shows it
   (``Diverged``; the runner says what was kept);
+* ``train_epoch`` can start mid-epoch (``EpochPosition``: batches done, the running sums,
+  the stream's positions) and hands its position to ``save`` every ``save_every``
+  optimizer steps (``run.save_every_n_steps``: the runner writes a checkpoint);
 * ``evaluation`` passes ``cuda_enabled`` from the model's device (LAVIS's runner passes
   nothing and BaseTask defaults to ``.cuda()``: runner_base.py:469 -> base_task.py:88).
 """
@@ -22,7 +25,8 @@ import logging
 import re
 import time
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +48,24 @@ class Diverged(FloatingPointError):
         self.epoch, self.step, self.what = epoch, step, what
 
 
+@dataclass
+class EpochPosition:
+    """Where one process stopped in an epoch, at an optimizer-step boundary: what resuming
+    needs to continue it as if it had not stopped (the RNG states travel beside it)."""
+
+    batches: int = 0  # batches of this epoch done
+    sums: dict[str, float] = field(default_factory=dict)  # the running sums of the logged terms
+    seen: int = 0  # samples trained on
+    skipped: int = 0  # a stream's samples that did not decode
+    seconds: float = 0.0  # time spent on this epoch
+    workers: int = 1  # the loader's worker processes (a stream's positions are per worker role)
+    streams: dict[int, list[int]] = field(default_factory=dict)  # role -> [yielded, taken per source...]
+
+    def stream_resume(self) -> dict[str, Any]:
+        """What ``ShardStream.resume_at`` reads."""
+        return {"workers": self.workers, "batches": self.batches, "roles": dict(self.streams)}
+
+
 class TrainLoop:
     run_cfg: Any = None  # the run's config (runner_dlip sets it: progress bar, lr multipliers)
 
@@ -58,27 +80,36 @@ class TrainLoop:
         return super().evaluation(model, data_loader, cuda_enabled=cuda_enabled, **kwargs)
 
     def train_epoch(self, epoch, model, data_loader, optimizer, lr_scheduler, scaler=None, cuda_enabled=False,
-                    log_freq=50, accum_grad_iters=1):
+                    log_freq=50, accum_grad_iters=1, position: Optional[EpochPosition] = None,
+                    save: Optional[Callable[[EpochPosition], None]] = None, save_every: int = 0):
         return self._train_inner_loop(epoch=epoch, iters_per_epoch=len(data_loader), model=model,
                                       data_loader=data_loader, optimizer=optimizer, scaler=scaler,
                                       lr_scheduler=lr_scheduler, log_freq=log_freq, cuda_enabled=cuda_enabled,
-                                      accum_grad_iters=accum_grad_iters)
+                                      accum_grad_iters=accum_grad_iters, position=position, save=save,
+                                      save_every=save_every)
 
     def _train_inner_loop(self, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler, scaler=None,
-                          start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1):
-        """One epoch; its average of every loss term, the lr and samples/s (formatted as LAVIS logs them)."""
+                          start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1,
+                          position: Optional[EpochPosition] = None,
+                          save: Optional[Callable[[EpochPosition], None]] = None, save_every: int = 0):
+        """One epoch (from ``position`` when resumed mid-epoch: the loader starts there too);
+        its average of every loss term, the lr and samples/s (formatted as LAVIS logs them)."""
         run_cfg = self.run_cfg or {}
         device = next(model.parameters()).device
         amp = scaler is not None and scaler.is_enabled() and device.type == "cuda"
-        sums: dict[str, float] = defaultdict(float)
-        seen, start, n = 0, time.time(), iters_per_epoch
-        bar = tqdm(total=n, desc=f"train epoch {epoch}", dynamic_ncols=True, mininterval=1.0,
+        at = position or EpochPosition(workers=max(int(getattr(data_loader, "num_workers", 0)), 1))
+        sums: dict[str, float] = defaultdict(float, at.sums)
+        seen, skipped, streams, n = at.seen, at.skipped, dict(at.streams), iters_per_epoch
+        start = time.time() - at.seconds
+        bar = tqdm(total=n, initial=at.batches, desc=f"train epoch {epoch}", dynamic_ncols=True, mininterval=1.0,
                    disable=not (bool(run_cfg.get("progress", True)) and is_main_process()))
         optimizer.zero_grad(set_to_none=True)
-        skipped = 0
-        for i, samples in enumerate(data_loader):
+        for i, samples in enumerate(data_loader, start=at.batches):
             if "n_skipped" in samples:  # a stream's samples that did not decode (datasets/stream.py)
                 skipped += int(samples.pop("n_skipped").sum())
+            if "stream_pos" in samples:  # where the worker that made this batch is in its stream
+                role, *where = samples.pop("stream_pos")[-1].tolist()
+                streams[role] = where
             samples = apply_to_sample(lambda t: t.to(device, non_blocking=True), samples)
             samples.update({"epoch": epoch, "num_iters_per_epoch": n, "iters": i})
             lr_scheduler.step(cur_epoch=epoch, cur_step=i)
@@ -112,6 +143,8 @@ class TrainLoop:
                             | {"lr": f"{_lr(optimizer):.2e}",
                                "samples/s": f"{seen * get_world_size() / max(time.time() - start, 1e-9):.1f}"},
                             refresh=False)
+            if save is not None and save_every and (i + 1) % (accum_grad_iters * save_every) == 0 and i + 1 < n:
+                save(EpochPosition(i + 1, dict(sums), seen, skipped, time.time() - start, at.workers, dict(streams)))
         bar.close()
         averages = _average_across_processes(sums, n, device)
         averages["lr"] = _lr(optimizer)

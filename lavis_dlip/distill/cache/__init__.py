@@ -40,10 +40,9 @@ from lavis_dlip.distill.cache.config import (
 from lavis_dlip.distill.cache.fields import Spec, extract
 from lavis_dlip.distill.cache.keys import compare_keys, data_key, teacher_key
 from lavis_dlip.distill.cache.reader import CachedOutputs, CacheReader
-from lavis_dlip.distill.cache.replay import ReplayDataset, seeded
+from lavis_dlip.distill.cache.replay import ReplayDataset
 from lavis_dlip.distill.cache.store import chunk_name, chunk_problem, load_chunk, save_chunk
 
 __all__ = ["BUILDING", "BUILD_COMMAND", "CACHED", "DTYPES", "VERSION", "CacheError", "CacheReader", "CachedOutputs",
            "ReplayDataset", "Spec", "build", "cache_config", "chunk_name", "chunk_problem", "compare_keys",
-           "complete_manifest", "data_key", "extract", "load_chunk", "read_manifest", "save_chunk", "seeded",
-           "teacher_key"]
+           "complete_manifest", "data_key", "extract", "load_chunk", "read_manifest", "save_chunk", "teacher_key"]

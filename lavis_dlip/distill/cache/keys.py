@@ -24,18 +24,19 @@ def teacher_key(teacher_cfg: Mapping[str, Any], base_dir: str) -> dict[str, Any]
         identity = weights_identity(str(weights))
     else:
         identity = str(weights or model_cfg.get("finetuned") or model_cfg.get("pretrained"))
-    return {"model": _digest(model_cfg), "weights": identity}
+    return {"model": digest(model_cfg), "weights": identity}
 
 
 def data_key(dataset, name: str, ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
     procs = {k: OmegaConf.to_container(ds_cfg.get(k), resolve=True) if ds_cfg.get(k) is not None else None
              for k in ("vis_processor", "text_processor")}
     return {"dataset": name, "samples": len(dataset),
-            "annotations": _digest(getattr(dataset, "annotation", None)),
-            "images": str(getattr(dataset, "vis_root", "")), "processors": _digest(procs)}
+            "annotations": digest(getattr(dataset, "annotation", None)),
+            "images": str(getattr(dataset, "vis_root", "")), "processors": digest(procs)}
 
 
-def _digest(value: Any) -> str:
+def digest(value: Any) -> str:
+    """A short, stable hash of a JSON-able value."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ class CacheReader:
         compare_keys(expected_key, manifest["key"], directory)
         self.directory, self.manifest = Path(directory), manifest
         self.fields: list[str] = list(expected_key["fields"]["fields"])  # what this run's terms read
-        self.chunk, self.augmentations = int(manifest["chunk"]), int(manifest["augmentations"])
+        self.chunk, self.augmentations = manifest.get("chunk"), int(manifest["augmentations"])
         self.temp = float(manifest["temp"]) if manifest.get("temp") is not None else None
         self.online_fusion = "image_embeds" in self.fields
         self._open: dict[int, Any] = {}
@@ -45,11 +45,13 @@ class CacheReader:
         return self._open[c][(index - c * self.chunk) * self.augmentations + aug]
 
     def collate(self, indices: list[int], augs: list[int]) -> dict[str, Any]:
-        """The stored outputs of a batch of samples (``indices``, each at augmentation
-        ``augs``), each field's rows stacked in the stored dtype; per-token fields padded
-        to the batch's longest row, and ``text_len`` (-1: none stored) to check them by.
-        Nested dicts of tensors only, which LAVIS moves to the GPU with the batch."""
-        entries = [self.entry(i, k) for i, k in zip(indices, augs)]
+        """The stored outputs of a batch of samples (``indices``, each at augmentation ``augs``)."""
+        return self.collate_entries([self.entry(i, k) for i, k in zip(indices, augs)])
+
+    def collate_entries(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch's stored entries, each field's rows stacked in the stored dtype; per-token
+        fields padded to the batch's longest row, and ``text_len`` (-1: none stored) to check
+        them by. Nested dicts of tensors only, which LAVIS moves to the GPU with the batch."""
         out: dict[str, Any] = {"text_len": torch.tensor([e.get("text_len", -1) for e in entries])}
         for field in self.fields:
             rows = [row for e in entries for row in e[field]]
@@ -84,7 +86,8 @@ class CacheReader:
         call = records.find("text") or records.find("fusion")
         if call is not None:
             stored, now = cached["text_len"].tolist(), call.attention_mask.sum(1).tolist()
-            for i, was, n in zip(samples["cache_index"].tolist(), stored, now):
+            names = samples["cache_key"] if "cache_key" in samples else samples["cache_index"].tolist()
+            for i, was, n in zip(names, stored, now):
                 if was not in (-1, int(n)):
                     raise CacheError(f"distill.cache: sample {i} had {was} text tokens when the cache "
                                      f"was built and has {int(n)} now: the data or tokenizer changed; rebuild it")

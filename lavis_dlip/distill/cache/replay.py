@@ -3,37 +3,12 @@ with every RNG seeded from ``(seed, i, k)``; epoch ``e`` shows augmentation ``(h
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import random
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from lavis_dlip.distill.cache.config import CACHED
-
-
-def _seed(*parts: Any) -> int:
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Every RNG a LAVIS processor draws from (torchvision: torch's CPU generator;
-    RandAugment: numpy; python's random) seeded for the block, and restored after it.
-    Only the CPU generator: ``torch.manual_seed`` also queues the CUDA generators'
-    seeding with a stack trace, a cost on every sample."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+from lavis_dlip.seeds import seed_of, seeded
 
 
 class ReplayDataset(torch.utils.data.Dataset):
@@ -52,13 +27,13 @@ class ReplayDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def item(self, index: int, aug: int) -> dict:
-        with seeded(_seed(self.seed, index, aug)):
+        with seeded(seed_of(self.seed, index, aug)):
             out = dict(self.base[index])
         out.update(cache_index=index, cache_aug=aug)
         return out
 
     def __getitem__(self, index: int) -> dict:
-        return self.item(index, (_seed(self.seed, index) + self.epoch) % self.augmentations)
+        return self.item(index, (seed_of(self.seed, index) + self.epoch) % self.augmentations)
 
     def collater(self, items: list[dict]) -> dict:
         """The LAVIS dataset's own collater (VQA's builds its own keys), plus the cache

@@ -62,8 +62,9 @@ def load_chunk(path: str) -> list[dict[str, Any]]:
 
 
 def chunk_record(path: Path) -> dict[str, Any]:
-    """What the manifest keeps of a written chunk, to find it damaged later."""
-    return {"bytes": path.stat().st_size, "sha256": checkpoint.file_sha256(str(path))}
+    """What the manifest keeps of a written chunk, to find it damaged later, and its entries."""
+    return {"bytes": path.stat().st_size, "sha256": checkpoint.file_sha256(str(path)),
+            "entries": len(load_chunk(str(path)))}
 
 
 def chunk_problem(path: Path, record: Optional[Mapping[str, Any]], full: bool = True) -> Optional[str]:
@@ -85,14 +86,14 @@ def chunk_problem(path: Path, record: Optional[Mapping[str, Any]], full: bool = 
     return None
 
 
-def drop_broken_chunks(directory: Path, manifest: dict[str, Any], chunks: range) -> None:
+def drop_broken_chunks(directory: Path, manifest: dict[str, Any], names: list[str]) -> None:
     """Before a build over an existing cache: every chunk it holds is checked (against the
     manifest's sizes and checksums when finished, by loading it when not); a broken one is
     deleted, and the cache marked unfinished, so this build writes it again."""
     records = manifest.get("chunks") if manifest.get("complete") else None
     broken = {}
-    for c in chunks:
-        path = directory / chunk_name(c)
+    for name in names:
+        path = directory / name
         if records is None and not path.is_file():
             continue  # not built yet
         problem = chunk_problem(path, None if records is None else records.get(path.name))
