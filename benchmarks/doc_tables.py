@@ -98,9 +98,63 @@ def fresh_clone() -> list[str]:
     return lines
 
 
+def stream() -> list[str]:
+    """What streaming costs here (benchmarks/stream_throughput.py) and what BLIP-base-sized
+    teachers' outputs weigh (benchmarks/teacher_output_bytes.py)."""
+    data, outputs = _load("stream.json"), _load("teacher_outputs.json")
+    lines = ["| what | measured | source |", "|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| one data-loading process, `blip_image_train` at {r['image_size']} px ({r['source']}) | "
+                     f"{r['samples_per_s']:,.0f} samples/s | [benchmarks/stream.md](benchmarks/stream.md) |")
+    for r in data["rows"][::2]:
+        lines.append(f"| shard writing, {r['source']} (one process, files in the page cache) | "
+                     f"{r['write_samples_per_s']:,.0f} samples/s at {r['bytes_per_sample'] / 1024:.1f} KiB a sample | "
+                     "[benchmarks/stream.md](benchmarks/stream.md) |")
+    replay = data["rows"][-1]
+    lines.append(f"| resume replay (entries read, not decoded), {replay['source']} | "
+                 f"{replay['replay_samples_per_s']:,.0f} samples/s | [benchmarks/stream.md](benchmarks/stream.md) |")
+    for r in outputs["rows"]:
+        lines.append(f"| teacher outputs a sample and augmentation, `{r['config']}` ({r['teacher']}, "
+                     f"{r['image_size']} px, {outputs['dtype']}) | {r['bytes_per_entry'] / 1024:,.1f} KiB | "
+                     "[benchmarks/teacher_outputs.md](benchmarks/teacher_outputs.md) |")
+    return lines
+
+
+PLAN_PAIRS = (4_000_000, 14_000_000, 129_000_000)
+PLAN_GPU_SAMPLES_PER_S = 400  # assumed student training throughput of one GPU (not measured: no GPU here)
+PLAN_AUGMENTATIONS = 4
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def scale_plan() -> list[str]:
+    """4M, 14M and 129M pairs planned from the measurements: the 224 px pre-training case
+    (images, the pre-training config's teacher outputs with and without its layer fields,
+    one loader process's rate)."""
+    rows = _load("stream.json")["rows"]
+    images = next(r for r in rows if r["image_size"] == 224)
+    teacher = next(r for r in _load("teacher_outputs.json")["rows"] if "pretrain" in r["config"])
+    k, gpu = PLAN_AUGMENTATIONS, PLAN_GPU_SAMPLES_PER_S
+    per_image, loader = images["bytes_per_sample"], images["samples_per_s"]
+    full, light = teacher["bytes_per_entry"], teacher["bytes_per_entry"] - teacher["layer_bytes_per_entry"]
+    lines = [f"| pairs | images (N x {per_image / 1024:.1f} KiB) | teacher outputs, every field (N x {k} x "
+             f"{full / 1024:,.0f} KiB) | without layer fields (N x {k} x {light / 1024:.1f} KiB) | teacher passes "
+             f"(N x {k}) | loader processes a GPU ({gpu} / {loader:.0f}) | GPU-hours an epoch (N / {gpu} / 3600) |",
+             "|---|---|---|---|---|---|---|"]
+    for n in PLAN_PAIRS:
+        lines.append(f"| {n / 1e6:.0f}M | {_bytes(n * per_image)} | {_bytes(n * k * full)} | "
+                     f"{_bytes(n * k * light)} | {n * k / 1e6:,.0f}M | {gpu / loader:.1f} | {n / gpu / 3600:,.1f} |")
+    return lines
+
+
 TABLES: dict[str, Callable[[], list[str]]] = {
     "demo": demo, "demo-caches": demo_caches, "compression": compression, "serve-latency": serve_latency,
-    "fresh-clone": fresh_clone,
+    "fresh-clone": fresh_clone, "stream": stream, "scale-plan": scale_plan,
 }
 
 

@@ -1,8 +1,9 @@
-"""What streaming from webdataset shards costs on this machine: shard writing, and the
+"""What streaming from webdataset shards costs on this machine: shard writing, the
 samples per second one data-loading process (one DataLoader worker) delivers through
-``dlip_wds_pairs`` with BLIP's training transform, at the demo's 64 px and at 384 px.
+``dlip_wds_pairs`` with BLIP's training transform, at the demo's 64 px and at 224 and 384 px, and
+how fast a stream resumed mid-epoch replays its position (entries read, not decoded).
 
-The 384 px case streams synthetic photographs-like JPEGs (smooth random fields, 480 x 360,
+The 224 and 384 px cases stream synthetic photograph-like JPEGs (smooth random fields, 480 x 360,
 quality 90) written with ``lavis_dlip.shards`` from a generated annotation file; the 64 px
 case streams the demo data's retrieval split. One thread, in this process; writes
 docs/benchmarks/stream.json (and .md), which docs/scale.md's planning table reads.
@@ -68,9 +69,18 @@ def stream_rate(shards: Path, image_size: int, samples: int) -> dict:
     start = time.perf_counter()
     n = sum(1 for _ in stream)
     seconds = time.perf_counter() - start
+    # resumed after `samples` samples: the time to the next one is the replay of the buffer up to there
+    replay = 4 * samples
+    stream.configure(0, replay + 1, 0, 1)
+    stream.set_epoch(0)
+    stream.resume_at({"workers": 1, "batches": 0, "roles": {0: [replay, replay]}})
+    start = time.perf_counter()
+    next(iter(stream))
+    replay_s = time.perf_counter() - start
     manifest = json.loads((shards / "manifest.json").read_text())
-    return {"image_size": image_size, "samples": n, "seconds": round(seconds, 2),
-            "samples_per_s": round(n / seconds, 1), "bytes_per_sample": manifest["bytes"] / manifest["samples"]}
+    return {"image_size": image_size, "samples": n, "seconds": round(seconds, 2), "shuffle": stream.shuffle,
+            "samples_per_s": round(n / seconds, 1), "bytes_per_sample": manifest["bytes"] / manifest["samples"],
+            "replayed": replay, "replay_samples_per_s": round(replay / replay_s, 1)}
 
 
 def main() -> None:
@@ -83,16 +93,18 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        cases = {
-            64: str(REPO / "projects" / "dlip" / "demo" / "teacher_retrieval.yaml"),
-            384: str(synthetic_split(Path(tmp) / "synthetic", args.samples)),
-        }
-        for size, cfg_path in cases.items():
-            out = Path(tmp) / f"shards_{size}"
-            info = write_shards(cfg_path, str(out), samples_per_shard=256, workers=1)
+        synthetic = str(synthetic_split(Path(tmp) / "synthetic", args.samples))
+        cases = [("demo retrieval split", str(REPO / "projects" / "dlip" / "demo" / "teacher_retrieval.yaml"), 64),
+                 ("synthetic 480x360 JPEG, quality 90", synthetic, 224),  # the paper's pre-training size
+                 ("synthetic 480x360 JPEG, quality 90", synthetic, 384)]  # its fine-tuning size
+        written: dict[str, tuple[Path, dict]] = {}
+        for source, cfg_path, size in cases:
+            if cfg_path not in written:
+                out = Path(tmp) / f"shards_{len(written)}"
+                written[cfg_path] = out, write_shards(cfg_path, str(out), samples_per_shard=256, workers=1)
+            out, info = written[cfg_path]
             row = stream_rate(out, size, min(args.samples, info["samples"]))
-            row.update({"source": "demo retrieval split" if size == 64 else "synthetic 480x360 JPEG, quality 90",
-                        "write_samples_per_s": round(info["samples"] / info["seconds"], 1),
+            row.update({"source": source, "write_samples_per_s": round(info["samples"] / info["seconds"], 1),
                         "write_mib_per_s": round(info["bytes"] / 2**20 / info["seconds"], 1)})
             rows.append(row)
     result = {"date": datetime.date.today().isoformat(), "threads": 1, "rows": rows}
@@ -100,11 +112,15 @@ def main() -> None:
     lines = ["# Streaming from shards on this machine", "",
              "`python benchmarks/stream_throughput.py`; one process, one thread (one DataLoader worker's rate); "
              "BLIP's training transform (`blip_image_train`: random resized crop, flip, RandAugment).", "",
-             "| images | shard bytes a sample | written (samples/s, MiB/s) | streamed samples/s, one worker |",
-             "|---|---|---|---|"]
+             "| images | shard bytes a sample | written (samples/s, MiB/s) | streamed samples/s, one worker "
+             "| resume replay samples/s (read, not decoded) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['source']} at {r['image_size']} px | {r['bytes_per_sample'] / 1024:.1f} KiB | "
-                     f"{r['write_samples_per_s']:.0f}, {r['write_mib_per_s']:.1f} | {r['samples_per_s']:.0f} |")
+                     f"{r['write_samples_per_s']:.0f}, {r['write_mib_per_s']:.1f} | {r['samples_per_s']:.0f} | "
+                     f"{r['replay_samples_per_s']:.0f} |")
+    lines += ["", f"Streamed through the default shuffle buffer ({rows[0]['shuffle']} samples); the replay: "
+              f"a stream resumed {rows[0]['replayed']} samples into its epoch, timed to its next sample."]
     lines += ["", f"Measured {result['date']} (2 CPU cores; the files in the page cache)."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
