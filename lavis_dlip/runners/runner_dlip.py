@@ -455,7 +455,6 @@ class RunnerDlip(RunnerBase):
         logger.info("resumed from %s at epoch %d%s", url_or_filename, self.start_epoch, at)
 
 
-
 class _ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (an order that is a function of ``(seed, epoch)``, in 1 or N
     processes) whose next pass starts ``skip`` indices in: a mid-epoch resume. Its length
