@@ -7,6 +7,8 @@ really has, and the same layer lists in ``model.init`` and ``distill.terms``."""
 
 from __future__ import annotations
 
+import bisect
+
 import pytest
 import torch
 
@@ -77,11 +79,16 @@ def _is_selection(s: torch.Tensor, t: torch.Tensor) -> bool:
         for d in range(s.dim()):
             line_s = s[tuple(slice(None) if k == d else 0 for k in range(s.dim()))].tolist()
             line_t = t[tuple(slice(None) if k == d else base[k] for k in range(s.dim()))].tolist()
+            at: dict[float, list[int]] = {}
+            for i, v in enumerate(line_t):
+                at.setdefault(v, []).append(i)
             picked, last = [], -1
             for v in line_s:
-                last = next((i for i in range(last + 1, len(line_t)) if line_t[i] == v), None)
-                if last is None:
+                places = at.get(v, [])
+                j = bisect.bisect_right(places, last)
+                if j == len(places):
                     break
+                last = places[j]
                 picked.append(last)
             if len(picked) != len(line_s):
                 break
