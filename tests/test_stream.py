@@ -188,6 +188,15 @@ def test_runner_dlip_trains_from_shards(shards, tmp_path):
     assert float(epoch["train_skipped_samples"]) == 0
     assert read_metrics(student)["test"]["r_mean"] >= 0  # zero-shot retrieval
 
+    # and from the teacher's outputs stored as shards beside LAVIS's LAION shards
+    from lavis_dlip.cache_teacher import build_cache
+
+    cached = [f"distill.cache={tmp_path / 'laion_cache'}", "run.max_epoch=1", f"run.output_dir={tmp_path / 'd'}"]
+    assert build_cache(str(laion), cached)["entries"] == 128
+    check(run_main("lavis_dlip.train", laion, *cached, cwd=tmp_path))
+    (student,) = output_dirs(tmp_path / "d")
+    assert "train_loss_lm_kd" in (student / "log.txt").read_text()
+
 
 def test_lavis_laion_builder_streams_the_same_pairs(shards):
     """LAVIS's laion2B_multi train split, read by runner_dlip as a stream over its shards."""

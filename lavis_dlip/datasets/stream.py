@@ -287,6 +287,14 @@ def lavis_laion_stream(pipeline: Any) -> Optional[ShardStream]:
     return stream
 
 
+def stream_lavis_laion(datasets: dict[str, dict[str, Any]]) -> None:
+    """Replace, in a built ``{dataset: {split: ...}}``, every LAVIS LAION pipeline by its stream."""
+    for splits in datasets.values():
+        for split, dataset in splits.items():
+            laion = lavis_laion_stream(dataset)
+            splits[split] = dataset if laion is None else laion
+
+
 def _read(shard: str) -> Iterator[tuple[str, Optional[dict[str, bytes]]]]:
     """``(key, {member: bytes})`` of a tar shard in order; ``(shard, None)`` where it stops reading."""
     key, members = None, {}

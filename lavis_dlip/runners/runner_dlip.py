@@ -62,7 +62,7 @@ from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, Itera
 from lavis_dlip import checkpoint as ckpt
 from lavis_dlip import compat
 from lavis_dlip.errors import CheckpointError, ConfigError, RunStopped
-from lavis_dlip.datasets.stream import ShardStream, lavis_laion_stream
+from lavis_dlip.datasets.stream import ShardStream, stream_lavis_laion
 from lavis_dlip.distill.cache import ReplayDataset
 from lavis_dlip.models.base import fitting_state
 from lavis_dlip.process import barrier, keep_freed_memory, resolve_device
@@ -88,10 +88,7 @@ class RunnerDlip(RunnerBase):
         self.last_checkpoint: Optional[tuple[str, str]] = None  # the newest checkpoint_latest.pth, "epoch N[, batch B]"
         self._train_generator = torch.Generator()
         self._resume_position: Optional[EpochPosition] = None  # a mid-epoch checkpoint's (this process's)
-        for splits in datasets.values():  # LAVIS's LAION builders: the same shards, dealt and resumable
-            for split, dataset in splits.items():
-                laion = lavis_laion_stream(dataset)
-                splits[split] = dataset if laion is None else laion
+        stream_lavis_laion(datasets)  # LAVIS's LAION builders: the same shards, dealt and resumable
         super().__init__(cfg=cfg, task=adopt(task, run_cfg), model=model, datasets=datasets, job_id=job_id)
         _check_splits(run_cfg, datasets)
         if not run_cfg.evaluate:

@@ -42,7 +42,7 @@ from lavis_dlip.distill.cache import (
 )
 from lavis_dlip.distill.cache.shards import ShardOutputs, stream_data_key
 from lavis_dlip.distill.teacher import check_compatible
-from lavis_dlip.datasets.stream import ShardStream, StoredAugmentations
+from lavis_dlip.datasets.stream import ShardStream, StoredAugmentations, stream_lavis_laion
 from lavis_dlip.errors import ConfigError, check_keys
 from lavis_dlip.run_yaml import ensure_distill
 from lavis_dlip.tasks.captioning import DlipCaptionTask
@@ -92,6 +92,7 @@ class DistillTaskMixin:
 
     def build_datasets(self, cfg):
         datasets = super().build_datasets(cfg)
+        stream_lavis_laion(datasets)  # before the cache wraps the train split (runner_dlip does it for the rest)
         distill = cfg.config.get("distill")
         self.cache_cfg = None
         if distill is None or cfg.run_cfg.get("evaluate", False):
