@@ -152,17 +152,18 @@ class ShardStream(wds.DataPipeline):
         # The loader takes batches from its workers in turn, so batch b came from role b mod W:
         # resumed after `batches`, worker 0 plays the role whose batch is next.
         role = (worker + int(resume["batches"])) % workers
-        start = [int(v) for v in resume["roles"].get(role, resume["roles"].get(str(role), []))]
+        start = [int(v) for v in resume["roles"].get(role, [])]
         yielded, taken = (start[0], start[1:]) if start else (0, [0] * len(self.sources))
         quota = self.samples // workers + int(role < self.samples % workers)
         streams = [self._samples(n, role, workers, taken[n]) for n in range(len(self.sources))]
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
+        weights /= weights.sum()
         pick = np.random.default_rng([self.seed, self.epoch, self.rank, role, 1])
         for _ in range(yielded):  # the draws of the samples before the resume point
-            pick.choice(len(streams), p=weights / weights.sum())
+            pick.choice(len(streams), p=weights)
         skipped = 0
         for q in range(yielded, quota):
-            n, in_a_row = int(pick.choice(len(streams), p=weights / weights.sum())), 0
+            n, in_a_row = int(pick.choice(len(streams), p=weights)), 0
             while (item := next(streams[n])) is None:
                 skipped, in_a_row, taken[n] = skipped + 1, in_a_row + 1, taken[n] + 1
                 if in_a_row >= UNDECODABLE_IN_A_ROW:

@@ -40,7 +40,8 @@ from lavis_dlip.distill.distiller import BALANCE
 from lavis_dlip.distill.cache import (
     BUILDING, VERSION as CACHE_VERSION, CacheReader, ReplayDataset, Spec, cache_config, data_key, teacher_key,
 )
-from lavis_dlip.distill.cache.shards import ShardOutputs, stream_data_key
+from lavis_dlip.distill.cache.keys import stream_data_key
+from lavis_dlip.distill.cache.shards import ShardOutputs
 from lavis_dlip.distill.teacher import check_compatible
 from lavis_dlip.datasets.stream import ShardStream, StoredAugmentations, stream_lavis_laion
 from lavis_dlip.errors import ConfigError, check_keys

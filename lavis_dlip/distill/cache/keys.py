@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Mapping
 
 from omegaconf import OmegaConf
@@ -28,11 +29,21 @@ def teacher_key(teacher_cfg: Mapping[str, Any], base_dir: str) -> dict[str, Any]
 
 
 def data_key(dataset, name: str, ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    procs = {k: OmegaConf.to_container(ds_cfg.get(k), resolve=True) if ds_cfg.get(k) is not None else None
-             for k in ("vis_processor", "text_processor")}
+    """A map-style train split: its annotations, image folder and processors."""
     return {"dataset": name, "samples": len(dataset),
             "annotations": digest(getattr(dataset, "annotation", None)),
-            "images": str(getattr(dataset, "vis_root", "")), "processors": digest(procs)}
+            "images": str(getattr(dataset, "vis_root", "")), "processors": _processors(ds_cfg)}
+
+
+def stream_data_key(stream, name: str, ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A streamed train split: every source's shards (names and sizes, not where they lie) and the processors."""
+    shards = [[[os.path.basename(s), os.path.getsize(s)] for s in source.shards] for source in stream.sources]
+    return {"dataset": name, "shards": digest(shards), "processors": _processors(ds_cfg)}
+
+
+def _processors(ds_cfg: Mapping[str, Any]) -> str:
+    return digest({k: OmegaConf.to_container(ds_cfg.get(k), resolve=True) if ds_cfg.get(k) is not None else None
+                   for k in ("vis_processor", "text_processor")})
 
 
 def digest(value: Any) -> str:

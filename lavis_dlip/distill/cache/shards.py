@@ -8,12 +8,9 @@ the manifest, keys and fields are the map-style cache's."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
-
-from omegaconf import OmegaConf
+from typing import Any, Callable
 
 from lavis_dlip.distill.cache.config import BUILD_COMMAND, CACHED, CacheError
-from lavis_dlip.distill.cache.keys import digest
 from lavis_dlip.distill.cache.reader import CacheReader
 from lavis_dlip.distill.cache.store import load_chunk
 
@@ -21,14 +18,6 @@ from lavis_dlip.distill.cache.store import load_chunk
 def output_name(source: int, shard: str) -> str:
     """The outputs file of source ``source``'s data shard ``shard``."""
     return f"{source}-{os.path.basename(shard).split('.')[0]}.pt"
-
-
-def stream_data_key(stream, name: str, ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A stream's data: every source's shards (names and sizes, not where they lie) and the processors."""
-    procs = {k: OmegaConf.to_container(ds_cfg.get(k), resolve=True) if ds_cfg.get(k) is not None else None
-             for k in ("vis_processor", "text_processor")}
-    shards = [[[os.path.basename(s), os.path.getsize(s)] for s in source.shards] for source in stream.sources]
-    return {"dataset": name, "shards": digest(shards), "processors": digest(procs)}
 
 
 class ShardOutputs(CacheReader):
