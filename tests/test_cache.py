@@ -339,13 +339,18 @@ def test_smoothed_cross_entropy_is_pytorchs_and_its_gradient_autograds():
     torch.testing.assert_close(lse, torch.logsumexp(wide, -1))
 
 
-def _build_cmd(cache_dir, *options: str) -> list[str]:
+def _build_options(cache_dir, chunk: int = 32) -> list[str]:
+    """``cache_teacher``'s options for the smoke retrieval data (128 samples) in chunks of ``chunk``."""
+    return [RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, chunk: {chunk}}}", "run.progress=False",
+            SMOKE_RETRIEVAL]
+
+
+def _build_cmd(options: list[str]) -> list[str]:
     return [sys.executable, "-m", "lavis_dlip.cache_teacher", "--cfg-path", str(CONFIGS / "distill_retrieval.yaml"),
-            "--options", RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, chunk: 32}}", "run.progress=False",
-            *options]
+            "--options", *options]
 
 
-def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data, monkeypatch, capsys):
+def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_smoke_data, monkeypatch, capsys):
     from lavis_dlip.train import main as train
 
     def refused(*options: str) -> str:
@@ -356,24 +361,25 @@ def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data,
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(_build_cmd(cache), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    build = _build_options(cache, chunk=8)  # 16 chunks
+    proc = subprocess.Popen(_build_cmd(build), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list(cache.glob("chunk-*.pt"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in cache.glob("chunk-*.pt")}
-    assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 24, "the build ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 16, "the build ended before it could be killed"
 
     # an unfinished cache is refused, before anything is written
     out = tmp_path / "out"
-    opts = [RANDOM_TEACHER, f"distill.cache={cache}", f"run.output_dir={out}", "run.max_epoch=1"]
+    opts = [RANDOM_TEACHER, f"distill.cache={cache}", f"run.output_dir={out}", "run.max_epoch=1", SMOKE_RETRIEVAL]
     assert "holds an unfinished cache" in refused(*opts) and not out.exists()
 
     from lavis_dlip.cache_teacher import build_cache
 
-    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(cache)[-3:])  # resumed, in this process
-    assert len(list(cache.glob("chunk-*.pt"))) == 24  # 768 samples / 32
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), build)  # resumed, in this process
+    assert len(list(cache.glob("chunk-*.pt"))) == 16  # 128 samples / 8
     assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks were not redone
     assert not list(cache.glob(".tmp-*"))
 
@@ -394,7 +400,7 @@ def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data,
     damaged.write_bytes(damaged.read_bytes()[:-100])
     assert "chunk-000005.pt is damaged" in refused(*opts) and not out.exists()
     capsys.readouterr()
-    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(cache)[-3:])
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), build)
     assert "rebuilding 1 broken chunk(s): chunk-000005.pt" in capsys.readouterr().out
     assert {n: (cache / n).stat().st_mtime_ns for n in intact} == intact
     manifest = read_manifest(str(cache))
@@ -410,14 +416,14 @@ def test_killed_build_resumes_refuses_stale_and_trains(tmp_path, demo_test_data,
     assert read_metrics(job)["test"]["r_mean"] > 0
 
 
-def test_two_processes_build_the_same_cache(tmp_path, demo_test_data):
+def test_two_processes_build_the_same_cache(tmp_path, demo_smoke_data):
     from lavis_dlip.cache_teacher import build_cache
 
     one, two = tmp_path / "one", tmp_path / "two"
-    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_cmd(one, SMOKE_RETRIEVAL)[-4:])
+    build_cache(str(CONFIGS / "distill_retrieval.yaml"), _build_options(one))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_build_cmd(two, SMOKE_RETRIEVAL)[1:]]
+           *_build_cmd(_build_options(two))[1:]]
     check(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env))
     assert len(list(one.glob("chunk-*.pt"))) == len(list(two.glob("chunk-*.pt"))) == 4  # 128 samples / 32
     for chunk in sorted(one.glob("chunk-*.pt")):

@@ -95,3 +95,20 @@ def test_caption_scores_are_pycocoevalcaps_for_the_chosen_scorers(tmp_path, monk
     ours = coco_caption_scores(str(tmp_path / "gt.json"), str(tmp_path / "res.json"), ["Bleu", "ROUGE_L", "CIDEr"])
     assert set(ours) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
     assert ours == {k: pytest.approx(evaluator.eval[k], abs=0) for k in ours} and ours["CIDEr"] > 0
+
+
+def test_model_device_is_the_first_parameters():
+    """LAVIS's ``BaseModel.device``, patched to read one parameter: still the first one's device."""
+    import lavis_dlip  # noqa: F401
+    from lavis.models.base_model import BaseModel
+
+    class Two(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(2, 2, device="meta")
+            self.second = torch.nn.Linear(2, 2)
+
+    model = Two()
+    assert model.device == torch.device("meta")
+    model.first.to_empty(device="cpu")
+    assert model.device == torch.device("cpu")

@@ -19,7 +19,9 @@ def test_demo_runs_all_stages_and_reuses_the_teacher(tmp_path, monkeypatch, caps
 
     monkeypatch.setenv(kept.ENV, str(tmp_path / "teachers"))
     monkeypatch.chdir(tmp_path)
-    options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5"]
+    # short evaluations: 4 retrieval candidates re-ranked, greedy captions of 8 tokens at most
+    options = ["run.max_epoch=1", "run.device=cpu", "run.progress=False", "run.warmup_steps=5",
+               "run.k_test=4", "run.num_beams=1", "run.max_len=8"]
     # two of the three tasks (VQA's stages are the captioner's with another task: its teacher,
     # cache and distillation are tests/test_distill.py's and test_cache.py's)
     tasks = ("retrieval", "caption")

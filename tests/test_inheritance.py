@@ -115,7 +115,8 @@ def _every_loaded_tensor_comes_from_its_source(student, sources: dict) -> None:
             assert _is_selection(s[dst], state[key]), (dst, src)
     for keys in student.init_report.random.values():
         for key in keys:
-            assert torch.isin(s[key], sources["teacher"][key]).float().mean() < 0.5, key  # float32 collides by chance
+            probe, t = s[key].flatten()[:64], sources["teacher"][key]  # 64 values: float32 collides by chance
+            assert sum(bool((t == v).any()) for v in probe) < 0.5 * len(probe), key
 
 
 def _fits_the_paper(task, student, max_ratio: float) -> None:

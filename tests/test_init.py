@@ -412,3 +412,24 @@ def test_named_vision_sources_initialise_as_the_deit_file(tmp_path, monkeypatch)
         vision({"source": "timm:no_such_vit"})
     with pytest.raises(ConfigError, match="model.init.vision.source: transformers could not read a config"):
         vision({"source": f"hf:{tmp_path / 'nothing'}"})
+
+
+def test_random_stand_in_weights_copy_momentum_and_take_what_is_given():
+    """``random_state``: distinct values (inherited ones can be traced), momentum encoders equal
+    to their bases (drawn once), and a given tensor of the key's shape taken as it is (one of
+    another shape is drawn)."""
+    from lavis_dlip.blip.build import random_state
+
+    cls, cfg = _cfg("dlip_retrieval")
+    model = cls.from_config(cfg)
+    key, base = "visual_encoder_m.blocks.0.attn.qkv.weight", "visual_encoder.blocks.0.attn.qkv.weight"
+    given = {"text_proj.weight": torch.ones_like(model.state_dict()["text_proj.weight"]),
+             "vision_proj.weight": torch.ones(3, 3)}
+    a, b = random_state(model, seed=1), random_state(model, seed=1, given=given)
+    assert a.keys() == b.keys() == model.state_dict().keys()
+    assert torch.equal(a[key], a[base]) and not torch.equal(a[base], random_state(model, seed=2)[base])
+    assert b["text_proj.weight"] is given["text_proj.weight"]
+    assert torch.equal(b["text_proj_m.weight"], given["text_proj.weight"])  # a copy of what its base is given
+    assert b["vision_proj.weight"].shape != (3, 3) and b["vision_proj.weight"].std() > 0.01
+    assert a[base].unique().numel() > 0.99 * a[base].numel()  # distinct but for float32 chance collisions
+    model.load_state_dict(b)  # a complete state dict

@@ -71,12 +71,22 @@ def trained_model(cfg_path: str, weights: str, options: Any = ()) -> tuple[nn.Mo
 GAIN = re.compile(r"(norm\d?|LayerNorm)\.weight$")
 
 
-def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict for ``model`` (any device, meta too) with random values."""
+def random_state(model: nn.Module, seed: int = 0, given: Optional[Mapping[str, Any]] = None
+                 ) -> dict[str, torch.Tensor]:
+    """A state dict for ``model`` (any device, meta too) with random values, except where
+    ``given`` (weights about to be loaded) has a tensor of the key's shape: that one is
+    taken, nothing drawn. Momentum copies take their base's values, never drawn themselves
+    (half of BLIP's pre-training weights)."""
     gen = torch.Generator().manual_seed(seed)
     made: dict[int, torch.Tensor] = {}
     out = {}
-    for key, v in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    given = {k: t for k, t in (given or {}).items()
+             if k in state and isinstance(t, torch.Tensor) and t.shape == state[k].shape}
+    for key, v in state.items():
+        base = momentum_source(key)
+        if key in given or (base in state and state[base].shape == v.shape):
+            continue  # filled below
         if id(v) not in made:
             if key.endswith("position_ids"):
                 made[id(v)] = torch.arange(v.shape[-1]).expand(v.shape).clone()
@@ -87,18 +97,20 @@ def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
             else:
                 made[id(v)] = torch.zeros(v.shape, dtype=v.dtype)
         out[key] = made[id(v)]
-    for key in out:  # momentum encoders start as copies (BLIP's copy_params)
-        base = momentum_source(key)
-        if base is not None and base in out and out[base].shape == out[key].shape:
-            out[key] = out[base]
-    return out
+    for key in state:
+        if key in given:
+            out[key] = given[key]
+        elif key not in out:  # momentum encoders start as copies (BLIP's copy_params)
+            out[key] = out.get(momentum_source(key), given.get(momentum_source(key)))
+    return {key: out[key] for key in state}
 
 
-def random_model(model_cfg: Any, seed: int = 0) -> nn.Module:
+def random_model(model_cfg: Any, seed: int = 0, given: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """A registered model with random stand-in weights, built without LAVIS's weight
     init (seconds instead of a minute for BLIP-base): on the meta device, then
-    materialised and filled. Its modules keep every value in their state dict (no
-    non-persistent buffers), so nothing is left uninitialised."""
+    materialised and filled (``given``: the keys a checkpoint will load are not drawn).
+    Its modules keep every value in their state dict (no non-persistent buffers), so
+    nothing is left uninitialised."""
     model = build_model(model_cfg).to_empty(device="cpu")
-    model.load_state_dict(random_state(model, seed))
+    model.load_state_dict(random_state(model, seed, given))
     return model

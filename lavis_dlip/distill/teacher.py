@@ -34,12 +34,13 @@ def load_teacher(cfg: Mapping[str, Any], base_dir: str = ".", shape_only: bool =
     model_cfg = teacher_model_config(cfg, base_dir)
     if shape_only:
         return FrozenTeacher(build_model(model_cfg, meta=True))
+    checkpoint = cfg.get("checkpoint")
     with tokenizer_source(model_cfg.get("tokenizer")):
         if cfg.get("load_weights", True):
             model = registry.get_model_class(model_cfg.arch).from_config(model_cfg)
-        else:  # dry runs and tests: the teacher's shape with random stand-in weights
-            model = random_model(model_cfg)
-    checkpoint = cfg.get("checkpoint")
+        else:  # dry runs and tests: the teacher's shape, random stand-ins for what the checkpoint lacks
+            state = read_weights(checkpoint, "distill.teacher.checkpoint") if checkpoint else {}
+            model = random_model(model_cfg, given=state.get("model", state) if isinstance(state, dict) else None)
     if checkpoint:
         _load_weights(model, checkpoint, "distill.teacher.checkpoint")
     logger.info("teacher %s/%s (%s)", model_cfg.arch, model_cfg.model_type,
