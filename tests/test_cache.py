@@ -25,18 +25,20 @@ RETRIEVAL_TERMS = ("distill.terms=[{name: itc_kd}, {name: itm_kd, pairs: positiv
 # LAVIS's random train transform (crop, flip, RandAugment): stored augmentations 0 and 1 of a
 # sample are different images, so a cache that replays the wrong one gives other values
 RANDOM_CROPS = "{name: blip_image_train, image_size: 64, min_scale: 0.5}"
-CASES = {
-    "retrieval": ("distill_retrieval", [RETRIEVAL_TERMS,
+CASES = {  # on the smoke data (128 retrieval and caption samples, 192 VQA questions)
+    "retrieval": ("distill_retrieval", [RETRIEVAL_TERMS, SMOKE_RETRIEVAL,
                                         f"datasets.dlip_local_retrieval.vis_processor.train={RANDOM_CROPS}"]),
     "caption": ("distill_caption", ["distill.terms.4={name: embed, targets: [decoder_cls]}",
+                                    "datasets.dlip_local_caption.base_dir=${dlip_demo_data:smoke}",
                                     f"datasets.dlip_local_caption.vis_processor.train={RANDOM_CROPS}"]),
     "vqa": ("distill_vqa", ["distill.terms.4={name: attention, module: decoder, maps: cross}",
+                            "datasets.dlip_local_vqa.base_dir=${dlip_demo_data:smoke}",
                             f"datasets.dlip_local_vqa.vis_processor.train={RANDOM_CROPS}"]),
 }
 
 
 def _options(cache_dir, *extra) -> list[str]:
-    return [RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, dtype: float32, augmentations: 2, chunk: 128}}",
+    return [RANDOM_TEACHER, f"distill.cache={{dir: {cache_dir}, dtype: float32, augmentations: 2, chunk: 32}}",
             *extra]
 
 
@@ -56,7 +58,7 @@ def _training_side(cfg_path, options):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkeypatch, caplog):
+def test_cached_terms_equal_online_replay(case, tmp_path, demo_smoke_data, monkeypatch, caplog):
     """Built under random augmentation (K = 2, several chunks) and read back in two epochs
     through the data loader's collater: every term equals the online teacher's on the very
     images the student sees; lm_kd equals the top-k KL of the online teacher's logits."""
@@ -71,7 +73,7 @@ def test_cached_terms_equal_online_replay(case, tmp_path, demo_test_data, monkey
     with caplog.at_level("WARNING", logger="lavis_dlip.tasks.distill"):
         cfg, task, student = _training_side(CONFIGS / f"{name}.yaml", options)
     n = len(task.cache_dataset)
-    assert stats["entries"] == 2 * n and stats["bytes"] > 0 and n > 2 * 128  # three chunks or more
+    assert stats["entries"] == 2 * n and stats["bytes"] > 0 and n > 2 * 32  # three chunks or more
     # training reads the cache: no teacher weights are loaded unless itm_kd scores the student's negatives,
     # and then it says so
     assert task.teacher.is_meta != task.cache.online_fusion

@@ -29,7 +29,8 @@ def _train_logs(job) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith('{"train_')]
 
 
-def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path, reevaluate: bool = True) -> None:
+def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path, data: str, reevaluate: bool = True
+                              ) -> None:
     """The checkpoint holds the student and its projections, nothing of the teacher;
     LAVIS's load_model takes it, and re-evaluating it gives the run's test metrics."""
     from lavis.models import load_model
@@ -40,7 +41,7 @@ def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path, reeval
     assert all(torch.equal(own[k], state[k]) for k in own)
     if not reevaluate:
         return
-    again = run_main("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", cwd=tmp_path,
+    again = run_main("lavis_dlip.evaluate", cfg, f"run.output_dir={tmp_path}/again", data, cwd=tmp_path,
                     extra=["--checkpoint", str(ckpt)])
     check(again)
     assert read_metrics(output_dirs(tmp_path / "again")[0])["test"] == pytest.approx(test)
@@ -48,7 +49,7 @@ def _check_student_checkpoint(cfg, ckpt, arch: str, test: dict, tmp_path, reeval
 
 def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoint):
     cfg = CONFIGS / "distill_retrieval.yaml"
-    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run",
+    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", SMOKE_RETRIEVAL,
                   f"distill.teacher.checkpoint={teacher_checkpoint}", cwd=tmp_path))
     job = output_dirs(tmp_path / "run")[0]
     test = read_metrics(job)["test"]
@@ -59,7 +60,7 @@ def test_distill_retrieval_trains_evaluates_and_loads(tmp_path, teacher_checkpoi
     assert {f"train_loss_{t}" for t in terms} <= set(logs[0])
     assert float(logs[-1]["train_loss_itc_kd"]) < float(logs[0]["train_loss_itc_kd"])  # it learns from the teacher
 
-    _check_student_checkpoint(cfg, job / "checkpoint_best.pth", "dlip_retrieval", test, tmp_path)
+    _check_student_checkpoint(cfg, job / "checkpoint_best.pth", "dlip_retrieval", test, tmp_path, SMOKE_RETRIEVAL)
 
 
 @pytest.mark.parametrize("name, arch, metrics, terms, kept", [
@@ -74,7 +75,10 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
     """Captioning and VQA: distilled with their decoder terms, scored with LAVIS's
     metrics (COCO caption scores; VQA accuracy), reloaded for evaluation."""
     cfg = CONFIGS / f"{name}.yaml"
-    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", cwd=tmp_path))
+    # VQA on the smoke data (192 questions); captioning's decoder needs the test data's 384 captions to move
+    preset = "smoke" if name == "distill_vqa" else "test"
+    data = f"datasets.dlip_local_{name.split('_')[1]}.base_dir=${{dlip_demo_data:{preset}}}"
+    check(run_main("lavis_dlip.train", cfg, f"run.output_dir={tmp_path}/run", data, cwd=tmp_path))
     job = output_dirs(tmp_path / "run")[0]
     test = read_metrics(job)["test"]
     assert metrics <= set(test) and 0.0 < test["agg_metrics"]
@@ -87,7 +91,7 @@ def test_distill_finetune_generation_tasks_train_evaluate_and_load(tmp_path, dem
     if kept != "checkpoint_best.pth":  # written once per epoch, stored once
         assert os.path.samefile(job / kept, job / "checkpoint_latest.pth")
     # re-evaluated for captioning; VQA's evaluation from a checkpoint is tests/test_train_eval.py's
-    _check_student_checkpoint(cfg, job / kept, arch, test, tmp_path, reevaluate=arch != "dlip_vqa")
+    _check_student_checkpoint(cfg, job / kept, arch, test, tmp_path, data, reevaluate=arch != "dlip_vqa")
 
 
 def test_distill_pretrain_keeps_teacher_frozen_and_out_of_the_runner(tmp_path, demo_test_data, monkeypatch):
