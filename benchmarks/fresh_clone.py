@@ -5,7 +5,9 @@ demo-data, kept-runs and matplotlib directories, times ``make install``, ``make 
 ``make demo`` (teachers trained, caches built) and ``make demo`` again (teachers and caches
 reused). Writes docs/benchmarks/fresh_clone.json (rendered into the docs by
 benchmarks/doc_tables.py) and copies the first demo's table to docs/benchmarks/demo.json.
-Run it alone on the machine: anything beside it slows it down.
+A run of some steps replaces those steps' rows and keeps the others, each row with the
+date and commit it was measured at. Run it alone on the machine: anything beside it slows
+it down.
 
     python benchmarks/fresh_clone.py [--steps install test demo demo] [--keep DIR]
 """
@@ -49,21 +51,36 @@ def main(argv=None) -> int:
         wall = time.time() - start
         demo = "second run: every stage kept from the first" if seen_demo else "first run: teachers trained"
         when = {"install": "into an empty venv", "test": "after make install", "demo": demo}[step]
-        runs.append({"command": f"make {step}", "when": when, "wall_s": round(wall, 1), "rc": rc, "log": str(log)})
+        install = next((r["wall_s"] for r in runs if r["command"] == "make install"), None)
+        runs.append({"command": f"make {step}", "when": when, "wall_s": round(wall, 1), "rc": rc, "log": str(log),
+                     "date": datetime.date.today().isoformat(), "commit": commit, "install_s": install})
         print(f"make {step} ({when}): {wall / 60:.1f} min, exit {rc}; log {log}", flush=True)
         if step == "demo" and not seen_demo and rc == 0:
             shutil.copy(clone / "output" / "demo" / "demo.json", OUT / "demo.json")
         seen_demo |= step == "demo"
         if rc != 0 and step != "test":  # a failing test is recorded; nothing runs without an install or a demo
             break
-    install = next((r["wall_s"] for r in runs if r["command"] == "make install"), None)
-    result = {"date": datetime.date.today().isoformat(), "commit": commit, "install_s": install,
-              "cpu": os.cpu_count(), "runs": runs}
-    (OUT / "fresh_clone.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / "fresh_clone.json").write_text(json.dumps(merged(runs), indent=2) + "\n")
     print(f"wrote {OUT / 'fresh_clone.json'}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in runs) else 1
+
+
+def merged(runs: list[dict]) -> dict:
+    """The file's rows with those of ``runs`` replaced (same command, same "when"), in the
+    order install, test, first demo, second demo. A row's ``install_s`` is the install of its
+    own clone (None if that run had none)."""
+    path = OUT / "fresh_clone.json"
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    for r in old["runs"]:  # rows written before rows carried their own date and commit
+        for key in ("date", "commit", "install_s"):
+            r.setdefault(key, old.get(key))
+    new = {(r["command"], r["when"]) for r in runs}
+    rows = [r for r in old["runs"] if (r["command"], r["when"]) not in new] + runs
+    order = ["make install", "make test", "make demo"]
+    rows.sort(key=lambda r: (order.index(r["command"]), "second" in r["when"]))
+    return {"cpu": os.cpu_count(), "runs": rows}
 
 
 if __name__ == "__main__":
