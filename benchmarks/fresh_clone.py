@@ -3,13 +3,14 @@
 Clones this repository's HEAD into an empty directory and, with pip's cache off and empty
 demo-data, kept-runs and matplotlib directories, times ``make install``, ``make test``,
 ``make demo`` (teachers trained, caches built) and ``make demo`` again (teachers and caches
-reused). Writes docs/benchmarks/fresh_clone.json (rendered into the docs by
+reused); on request ``make study`` (the shipped studies, from nothing: teachers, caches, every
+run). Writes docs/benchmarks/fresh_clone.json (rendered into the docs by
 benchmarks/doc_tables.py) and copies the first demo's table to docs/benchmarks/demo.json.
 A run of some steps replaces those steps' rows and keeps the others, each row with the
 date and commit it was measured at. Run it alone on the machine: anything beside it slows
 it down.
 
-    python benchmarks/fresh_clone.py [--steps install test demo demo] [--keep DIR]
+    python benchmarks/fresh_clone.py [--steps install test demo demo study] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ OUT = ROOT / "docs" / "benchmarks"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", nargs="+", default=["install", "test", "demo", "demo"],
-                        choices=["install", "test", "demo"])
+                        choices=["install", "test", "demo", "study"])
     parser.add_argument("--keep", help="clone into this (empty) directory and keep it")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="dlip-fresh-"))
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
             rc = subprocess.call(["make", step], cwd=clone, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.time() - start
         demo = "second run: every stage kept from the first" if seen_demo else "first run: teachers trained"
-        when = {"install": "into an empty venv", "test": "after make install", "demo": demo}[step]
+        when = {"install": "into an empty venv", "test": "after make install", "demo": demo,
+                "study": "the demo's teachers kept" if seen_demo else "from nothing: teachers trained"}[step]
         install = next((r["wall_s"] for r in runs if r["command"] == "make install"), None)
         runs.append({"command": f"make {step}", "when": when, "wall_s": round(wall, 1), "rc": rc, "log": str(log),
                      "date": datetime.date.today().isoformat(), "commit": commit, "install_s": install})
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
 
 def merged(runs: list[dict]) -> dict:
     """The file's rows with those of ``runs`` replaced (same command, same "when"), in the
-    order install, test, first demo, second demo. A row's ``install_s`` is the install of its
+    order install, test, first demo, second demo, study. A row's ``install_s`` is the install of its
     own clone (None if that run had none)."""
     path = OUT / "fresh_clone.json"
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
@@ -78,7 +80,7 @@ def merged(runs: list[dict]) -> dict:
             r.setdefault(key, old.get(key))
     new = {(r["command"], r["when"]) for r in runs}
     rows = [r for r in old["runs"] if (r["command"], r["when"]) not in new] + runs
-    order = ["make install", "make test", "make demo"]
+    order = ["make install", "make test", "make demo", "make study"]
     rows.sort(key=lambda r: (order.index(r["command"]), "second" in r["when"]))
     return {"cpu": os.cpu_count(), "runs": rows}
 
