@@ -210,3 +210,44 @@ def test_a_two_arm_study_runs_reports_and_reruns_only_what_is_missing(tmp_path, 
     assert {r: r.stat().st_mtime_ns for r in records if r != lost} == {r: t for r, t in mtimes.items() if r != lost}
     assert lost.is_file() and os.path.samefile(lost.parent, lost.parent)
     assert {r["arm"]: r["mean"] for r in again["rows"]} == {r["arm"]: r["mean"] for r in summary["rows"]}
+
+
+def test_the_dry_run_counts_a_teacher_it_would_train(tmp_path, monkeypatch, capsys):
+    """The plan of a study whose teacher is still to train counts the teacher's steps (it
+    trains alone, before every run), each from a timed step of its own model."""
+    from lavis_dlip import kept
+    from lavis_dlip.datasets.demo_data import ensure
+    from lavis_dlip.study import run as study_run
+    from lavis_dlip.study.spec import load_study
+
+    monkeypatch.setenv(kept.ENV, str(tmp_path / "kept"))
+    data = f"datasets.dlip_local_retrieval.base_dir={ensure('smoke')}"
+    path = tmp_path / "study.yaml"
+    path.write_text(f"""
+study:
+  title: dry
+  base: {CONFIGS / 'distill_retrieval.yaml'}
+  teacher: {{train: {CONFIGS / 'teacher_retrieval.yaml'}, options: ["{data}", run.max_epoch=3]}}
+  seeds: [1]
+  options: ["{data}"]
+  references: [init_only, base]
+  output_dir: {tmp_path / 'out'}
+  parallel: 2
+""")
+    timed = []
+    real = study_run._timed_step
+
+    def fixed(cfg_path, options, out):
+        step, steps = real(cfg_path, options, out)
+        assert step > 0 and steps == 128 // 16  # the smoke data's 128 pairs in batches of 16
+        timed.append((cfg_path, step))
+        return (30.0 if "teacher" in cfg_path else 10.0), steps
+
+    monkeypatch.setattr(study_run, "_timed_step", fixed)
+    assert study_run.run_study(load_study(str(path)), dry_run=True) is None
+    assert [c.rsplit("/", 1)[-1] for c, _ in timed] == ["distill_retrieval.yaml", "teacher_retrieval.yaml"]
+    # runs: 2 epochs x 8 steps x 10 s (base from the cache: x CACHED_STEP), 2 at a time; teacher 3 x 8 x 30 s
+    runs, teacher = (160 + 160 * study_run.CACHED_STEP) / 2, 720
+    printed = capsys.readouterr().out
+    assert f"about {(runs + teacher) / 60:.0f} min of training, the teacher's 12 min first" in printed
+    assert not (tmp_path / "kept").exists()  # planned, nothing trained

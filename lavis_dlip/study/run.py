@@ -246,17 +246,34 @@ def _describe(key, result: dict) -> str:
     return f"{name}: {shown or 'done'} ({result.get('seconds', 0.0) / 60:.1f} min)"
 
 
-def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
+def estimate_s(spec: StudySpec, plans: Sequence[RunPlan], teacher: bool = False) -> dict[str, float]:
     """Seconds per run from one timed training step of the student (cached runs x CACHED_STEP),
-    times the steps of the run's schedule; evaluation not counted."""
+    times the steps of the run's schedule; with ``teacher`` (it is to be trained), the
+    teacher's the same way, under ``"teacher"``. Evaluation and the cache not counted."""
     import torch
 
     probe = [*spec.options, "model.init=null", "distill.teacher.load_weights=False", "distill.teacher.checkpoint=null",
-             f"distill.terms={json.dumps(_own(spec))}", "distill.cache=null", "run.progress=False",
-             f"run.output_dir={spec.output_dir / 'probe'}"]
+             f"distill.terms={json.dumps(_own(spec))}", "distill.cache=null"]
+    step, steps = _timed_step(str(spec.base), probe, spec.output_dir / "probe")
+    out = {}
+    for p in plans:
+        epochs = int(spec.base_raw(p.arm.options).run.max_epoch)
+        out[p.stage] = step * steps * epochs * (CACHED_STEP if p.cached else 1.0)
+    if teacher:
+        options = [*spec.teacher["options"], "model.init=null"]  # the step's cost, not its init's
+        step, steps = _timed_step(spec.teacher["train"], options, spec.output_dir / "probe")
+        epochs = int(load_config(spec.teacher["train"], options).run_cfg.max_epoch)
+        out["teacher"] = step * steps * epochs
+    torch.manual_seed(0)
+    return out
+
+
+def _timed_step(cfg_path: str, options: Sequence[str], out: Path) -> tuple[float, int]:
+    """Seconds of one training step of ``cfg_path``'s model on its data (the best of two after
+    a first), and its steps per epoch."""
     logging.disable(logging.INFO)  # the probe's config and data logs are not the plan
     try:
-        runner = build_runner(load_config(str(spec.base), probe))
+        runner = build_runner(load_config(cfg_path, [*options, "run.progress=False", f"run.output_dir={out}"]))
         model = runner.model
         model.train()
         batches = iter(runner.train_loader)
@@ -272,15 +289,7 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan]) -> dict[str, float]:
         runner.optimizer.step()
         runner.optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    step = min(times[1:])
-    steps = len(runner.train_loader)
-    out = {}
-    for p in plans:
-        epochs = int(spec.base_raw(p.arm.options).run.max_epoch)
-        out[p.stage] = step * steps * epochs * (CACHED_STEP if p.cached else 1.0)
-    del runner, model
-    torch.manual_seed(0)
-    return out
+    return min(times[1:]), len(runner.train_loader)
 
 
 def _own(spec: StudySpec) -> list[dict]:
@@ -329,7 +338,8 @@ def run_study(spec: StudySpec, dry_run: bool = False, emit_path: Optional[Path] 
         print(f"wrote {emit_path}: {len(plans)} runs")
         return None
     if dry_run or only is None:
-        estimates = estimate_s(spec, [p for p in plans if not st[(GROUP, p.stage)].reused])
+        train_teacher = (GROUP, "teacher") in st and not st[(GROUP, "teacher")].reused
+        estimates = estimate_s(spec, [p for p in plans if not st[(GROUP, p.stage)].reused], train_teacher)
     if dry_run:
         _print_plan(spec, plans, st, estimates, candidates)
         return None
@@ -379,7 +389,8 @@ def _search_winner(spec: StudySpec, plans: Sequence[RunPlan], candidates):
 def _print_plan(spec, plans, st, estimates, candidates) -> None:
     arms = list(dict.fromkeys(p.arm.name for p in plans))
     todo = [p for p in plans if not st[(GROUP, p.stage)].reused]
-    total = sum(estimates.get(p.stage, 0.0) for p in todo) / spec.parallel
+    runs = sum(estimates.get(p.stage, 0.0) for p in todo) / spec.parallel
+    total = runs + estimates.get("teacher", 0.0)  # the teacher trains alone: every run waits for it
     print(f"study {spec.title}: {len(arms)} arms x {len(spec.seeds)} seeds = {len(plans)} runs "
           f"({len(plans) - len(todo)} finished before), {spec.parallel} at a time")
     print(f"  shared: teacher {teacher_checkpoint(spec)}"
@@ -391,5 +402,6 @@ def _print_plan(spec, plans, st, estimates, candidates) -> None:
     if candidates:
         print(f"  shape search: {len(candidates)} shapes, {sum(bool(c.arm) for c in candidates)} to try; then "
               f"the winner's {len(spec.seeds)} runs with the study's schedule (not in the count or estimate)")
-    print(f"  estimate: about {total / 60:.0f} min of training (a timed step x the runs' steps; teacher, cache "
-          f"and evaluation not counted)")
+    teacher = f", the teacher's {estimates['teacher'] / 60:.0f} min first" if "teacher" in estimates else ""
+    print(f"  estimate: about {total / 60:.0f} min of training{teacher} (a timed step x the steps; cache and "
+          f"evaluation not counted)")
