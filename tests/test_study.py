@@ -238,10 +238,10 @@ study:
     real = study_run._timed_step
 
     def fixed(cfg_path, options, out):
-        step, steps = real(cfg_path, options, out)
+        step, steps, epochs = real(cfg_path, options, out)
         assert step > 0 and steps == 128 // 16  # the smoke data's 128 pairs in batches of 16
         timed.append((cfg_path, step))
-        return (30.0 if "teacher" in cfg_path else 10.0), steps
+        return (30.0 if "teacher" in cfg_path else 10.0), steps, epochs
 
     monkeypatch.setattr(study_run, "_timed_step", fixed)
     assert study_run.run_study(load_study(str(path)), dry_run=True) is None

@@ -254,23 +254,22 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan], teacher: bool = False)
 
     probe = [*spec.options, "model.init=null", "distill.teacher.load_weights=False", "distill.teacher.checkpoint=null",
              f"distill.terms={json.dumps(_own(spec))}", "distill.cache=null"]
-    step, steps = _timed_step(str(spec.base), probe, spec.output_dir / "probe")
+    step, steps, _ = _timed_step(str(spec.base), probe, spec.output_dir / "probe")
     out = {}
     for p in plans:
         epochs = int(spec.base_raw(p.arm.options).run.max_epoch)
         out[p.stage] = step * steps * epochs * (CACHED_STEP if p.cached else 1.0)
     if teacher:
         options = [*spec.teacher["options"], "model.init=null"]  # the step's cost, not its init's
-        step, steps = _timed_step(spec.teacher["train"], options, spec.output_dir / "probe")
-        epochs = int(load_config(spec.teacher["train"], options).run_cfg.max_epoch)
+        step, steps, epochs = _timed_step(spec.teacher["train"], options, spec.output_dir / "probe")
         out["teacher"] = step * steps * epochs
     torch.manual_seed(0)
     return out
 
 
-def _timed_step(cfg_path: str, options: Sequence[str], out: Path) -> tuple[float, int]:
+def _timed_step(cfg_path: str, options: Sequence[str], out: Path) -> tuple[float, int, int]:
     """Seconds of one training step of ``cfg_path``'s model on its data (the best of two after
-    a first), and its steps per epoch."""
+    a first), its steps per epoch and its epochs."""
     logging.disable(logging.INFO)  # the probe's config and data logs are not the plan
     try:
         runner = build_runner(load_config(cfg_path, [*options, "run.progress=False", f"run.output_dir={out}"]))
@@ -289,7 +288,7 @@ def _timed_step(cfg_path: str, options: Sequence[str], out: Path) -> tuple[float
         runner.optimizer.step()
         runner.optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return min(times[1:]), len(runner.train_loader)
+    return min(times[1:]), len(runner.train_loader), runner.max_epoch
 
 
 def _own(spec: StudySpec) -> list[dict]:
