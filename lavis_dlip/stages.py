@@ -34,6 +34,13 @@ class Stage(NamedTuple):
     reused: bool = False
 
 
+def stage_threads(parallel: int) -> int:
+    """The CPU threads each of ``parallel`` stages at once gets: an equal share of this process's."""
+    import torch
+
+    return max(1, torch.get_num_threads() // parallel)
+
+
 def _in_worker(stage: Stage, log: Path, threads: int) -> dict:
     """A stage in a pool process: its own share of the CPU threads, its console output
     in ``log`` (two runs' progress bars would interleave): the process's stdout and
@@ -84,8 +91,6 @@ def run_stages(stages: dict[Key, Stage], logs: dict[Key, Path], parallel: int,
     import concurrent.futures
     import multiprocessing
 
-    import torch
-
     for (group, name), stage in stages.items():
         missing = [a for a in stage.after if (group, a) not in stages]
         if missing:
@@ -110,7 +115,7 @@ def run_stages(stages: dict[Key, Stage], logs: dict[Key, Path], parallel: int,
                 progress.started(key)
             finished(key, stage.fn(*stage.args))
         return done
-    threads = max(1, torch.get_num_threads() // parallel)
+    threads = stage_threads(parallel)
     logger.info("running %d stages, %d at a time with %d thread(s) each; their output goes to <stage>.log",
                 len(stages), parallel, threads)
     # fork: the workers start with lavis_dlip imported (a fresh interpreter takes seconds to import it)

@@ -240,12 +240,19 @@ study:
     def fixed(cfg_path, options, out):
         step, steps, epochs = real(cfg_path, options, out)
         assert step > 0 and steps == 128 // 16  # the smoke data's 128 pairs in batches of 16
-        timed.append((cfg_path, step))
+        timed.append((cfg_path, torch.get_num_threads()))
         return (30.0 if "teacher" in cfg_path else 10.0), steps, epochs
 
     monkeypatch.setattr(study_run, "_timed_step", fixed)
-    assert study_run.run_study(load_study(str(path)), dry_run=True) is None
-    assert [c.rsplit("/", 1)[-1] for c, _ in timed] == ["distill_retrieval.yaml", "teacher_retrieval.yaml"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the runs, 2 at a time, get 2 threads each: the steps are timed on 2
+    try:
+        assert study_run.run_study(load_study(str(path)), dry_run=True) is None
+        assert torch.get_num_threads() == 4  # given back
+    finally:
+        torch.set_num_threads(threads)
+    assert [(c.rsplit("/", 1)[-1], n) for c, n in timed] == [("distill_retrieval.yaml", 2),
+                                                               ("teacher_retrieval.yaml", 2)]
     # runs: 2 epochs x 8 steps x 10 s (base from the cache: x CACHED_STEP), 2 at a time; teacher 3 x 8 x 30 s
     runs, teacher = (160 + 160 * study_run.CACHED_STEP) / 2, 720
     printed = capsys.readouterr().out
