@@ -250,8 +250,8 @@ def estimate_s(spec: StudySpec, plans: Sequence[RunPlan], teacher: bool = False)
     """Seconds per run from one timed training step of the student (cached runs x CACHED_STEP),
     times the steps of the run's schedule; with ``teacher`` (it is to be trained), the
     teacher's the same way, under ``"teacher"``. The steps are timed on the threads a stage
-    gets (``spec.parallel`` share the CPU): the demo's teacher, timed on both cores, was
-    estimated at 4.1 min and took 7.1 on one. Evaluation and the cache not counted."""
+    gets (``spec.parallel`` share the CPU): a larger model's step, timed on all of them,
+    is estimated too short. Evaluation and the cache not counted."""
     import torch
 
     probe = [*spec.options, "model.init=null", "distill.teacher.load_weights=False", "distill.teacher.checkpoint=null",
